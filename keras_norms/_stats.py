@@ -1,0 +1,196 @@
+"""Shared batch-normalization math, written once with `keras.ops`.
+
+Private module: the layers call these helpers so that each layer file reads
+as its paper's algorithm. Nothing here holds state; the helpers that update
+moving statistics take the variable and assign to it.
+"""
+
+import math
+
+from keras import backend
+from keras import ops
+
+
+def check_unit_interval(name, value):
+    """Coerces `value` to float and checks that it lies in [0, 1)."""
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"Argument `{name}` must be in [0, 1). Received: {name}={value}"
+        )
+    return value
+
+
+def canonicalize_axes(axis, ndim=None, arg_name="axis"):
+    """Returns the feature axes as a sorted tuple of non-negative ints.
+
+    Raises a `TypeError` naming `arg_name` when it is not an int or a
+    non-empty list of ints, and a `ValueError` when an axis repeats or is out
+    of range for an input of rank `ndim` (with `ndim=None`, only the types
+    are checked and `None` is returned).
+    """
+    axes = [axis] if isinstance(axis, int) else axis
+    if not isinstance(axes, (list, tuple)) or not axes:
+        raise TypeError(
+            f"Argument `{arg_name}` must be an int or a non-empty list of "
+            f"ints. Received: {arg_name}={axis!r}"
+        )
+    positive = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(
+                f"Argument `{arg_name}` must be an int or a non-empty list of "
+                f"ints. Received: {arg_name}={axis!r}"
+            )
+        if ndim is None:
+            continue
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"Argument `{arg_name}` is out of range for an input of rank "
+                f"{ndim}: accepted values are in [{-ndim}, {ndim - 1}]. "
+                f"Received: {arg_name}={axis!r}"
+            )
+        positive.append(a % ndim)
+    if ndim is None:
+        return None
+    if len(set(positive)) != len(positive):
+        raise ValueError(
+            f"Argument `{arg_name}` contains the same axis twice. "
+            f"Received: {arg_name}={axis!r}"
+        )
+    return tuple(sorted(positive))
+
+
+def reduction_axes(feature_axes, ndim):
+    """The axes that statistics reduce over: all but the feature axes."""
+    return tuple(a for a in range(ndim) if a not in feature_axes)
+
+
+def broadcast_shape(input_shape, feature_axes):
+    """The shape that makes per-feature parameters broadcast over inputs."""
+    return tuple(
+        input_shape[a] if a in feature_axes else 1
+        for a in range(len(input_shape))
+    )
+
+
+def check_mask(mask, inputs, feature_axes):
+    """Validates that `mask` has the shape of `inputs` without features."""
+    expected = tuple(
+        d for a, d in enumerate(inputs.shape) if a not in feature_axes
+    )
+    shape = tuple(mask.shape)
+    compatible = len(shape) == len(expected) and all(
+        m is None or e is None or m == e for m, e in zip(shape, expected)
+    )
+    if not compatible:
+        raise ValueError(
+            "Argument `mask` must have the shape of `inputs` without the "
+            f"feature axes, i.e. {expected}. Received: mask.shape={shape}, "
+            f"inputs.shape={tuple(inputs.shape)}"
+        )
+
+
+def _expand_mask(mask, feature_axes, dtype):
+    weights = ops.cast(mask, dtype)
+    for a in feature_axes:
+        weights = ops.expand_dims(weights, axis=a)
+    return weights
+
+
+def _all_reduce_sum(values):
+    """Sums tensors over the replicas of a `tf.distribute` strategy."""
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return values
+    sizes = [math.prod(v.shape) for v in values]
+    flat = ops.concatenate([ops.reshape(v, (-1,)) for v in values], axis=0)
+    flat = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+    out, start = [], 0
+    for v, n in zip(values, sizes):
+        out.append(ops.reshape(flat[start : start + n], ops.shape(v)))
+        start += n
+    return out
+
+
+def moments(inputs, axes, mask=None, synchronized=False):
+    """Per-feature mean and (biased) variance over `axes`.
+
+    Args:
+        inputs: Tensor of float dtype (float32 or wider).
+        axes: Tuple of reduction axes (see `reduction_axes`).
+        mask: Optional tensor with the shape of `inputs` without the feature
+            axes; positions where it is false take no part in the statistics.
+        synchronized: If `True` (TensorFlow backend), the statistics are over
+            the global batch of a `tf.distribute` strategy.
+
+    Returns:
+        `(mean, variance, count)`, mean and variance with the reduced axes
+        removed. `count` is the number of positions that entered the
+        statistics (a scalar tensor) when `mask` is given, else `None`. With
+        every position masked, mean and variance are 0 (never NaN).
+    """
+    if mask is None:
+        mean, variance = ops.moments(
+            inputs, axes=axes, synchronized=synchronized
+        )
+        return mean, variance, None
+    ndim = len(inputs.shape)
+    feature_axes = tuple(a for a in range(ndim) if a not in axes)
+    weights = _expand_mask(mask, feature_axes, inputs.dtype)
+    weighted = inputs * weights
+    count = ops.sum(weights)
+    if synchronized:
+        total, total_sq, count = _all_reduce_sum(
+            [
+                ops.sum(weighted, axis=axes),
+                ops.sum(weighted * inputs, axis=axes),
+                count,
+            ]
+        )
+        safe = ops.maximum(count, 1.0)
+        mean = total / safe
+        variance = ops.relu(total_sq / safe - ops.square(mean))
+        return mean, variance, count
+    safe = ops.maximum(count, 1.0)
+    mean = ops.sum(weighted, axis=axes, keepdims=True) / safe
+    centered = (inputs - mean) * weights
+    variance = ops.sum(ops.square(centered), axis=axes) / safe
+    return ops.squeeze(mean, axis=axes), variance, count
+
+
+def moving_average(variable, value, momentum, count=None):
+    """Assigns `variable * momentum + value * (1 - momentum)` to `variable`.
+
+    When `count` is given and is 0 (an all-masked batch), the variable keeps
+    its value. Returns the new value in `value`'s dtype.
+    """
+    old = ops.cast(variable, value.dtype)
+    new = old * momentum + value * (1.0 - momentum)
+    if count is not None:
+        new = ops.where(count > 0, new, old)
+    variable.assign(ops.cast(new, variable.dtype))
+    return new
+
+
+def normalize(inputs, mean, variance, scale, offset, epsilon, shape):
+    """`(inputs - mean) / sqrt(variance + epsilon) * scale + offset`.
+
+    `mean`, `variance`, `scale` and `offset` are per-feature tensors that are
+    reshaped to `shape` (see `broadcast_shape`); `scale`/`offset` may be None.
+    Computed as one multiply and one add per element.
+    """
+    inv = ops.rsqrt(variance + epsilon)
+    if scale is not None:
+        inv = inv * scale
+    shift = -mean * inv
+    if offset is not None:
+        shift = shift + offset
+    return inputs * ops.reshape(inv, shape) + ops.reshape(shift, shape)
+
+
+def compute_dtype_for(inputs):
+    """float32 for float16/bfloat16/float32 inputs; float64 stays float64."""
+    return backend.result_type(inputs.dtype, "float32")

@@ -1,0 +1,287 @@
+"""Batch normalization with masks, any rank and any feature axes."""
+
+from keras import backend
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+from keras.layers import InputSpec
+from keras.layers import Layer
+from keras.saving import register_keras_serializable
+
+from keras_norms import _stats
+
+
+@register_keras_serializable(package="keras_norms")
+class BatchNormalization(Layer):
+    """Layer that normalizes its inputs with batch statistics.
+
+    A drop-in for `keras.layers.BatchNormalization` (same arguments, same
+    weights, same numbers) that also accepts several feature axes, leaves its
+    moving statistics untouched on an all-masked batch and never lets masked
+    positions into the statistics.
+
+    **During training** (`training=True` and `layer.trainable`), for each
+    feature, with `mean` and `var` the mean and biased variance of the batch
+    over all non-feature axes (and only the positions where `mask` is true):
+
+    `outputs = gamma * (inputs - mean) / sqrt(var + epsilon) + beta`
+
+    and the moving statistics are updated:
+
+    - `moving_mean = moving_mean * momentum + mean * (1 - momentum)`
+    - `moving_variance = moving_variance * momentum + var * (1 - momentum)`
+
+    **During inference** (`training=False`, the default, or
+    `layer.trainable == False`):
+
+    `outputs = gamma * (inputs - moving_mean) / sqrt(moving_variance +
+    epsilon) + beta`
+
+    As in Keras, setting `trainable = False` freezes the layer *and* puts it
+    in inference mode, which is what fine-tuning needs.
+
+    float16 and bfloat16 inputs are normalized in float32 and the result is
+    cast to the layer's compute dtype; the weights stay float32.
+
+    Args:
+        axis: Integer or list of integers, the feature axis or axes (each
+            normalized feature has its own statistics). For a `Conv2D` with
+            `data_format="channels_first"`, use `axis=1`. Defaults to `-1`.
+        momentum: Momentum of the moving averages, in [0, 1). Defaults to
+            `0.99`.
+        epsilon: Positive float added to the variance to avoid dividing by
+            zero. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned scale `gamma`. Can be
+            disabled when the next layer is linear. Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        moving_mean_initializer: Initializer for the moving mean. Defaults
+            to `"zeros"`.
+        moving_variance_initializer: Initializer for the moving variance.
+            Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        synchronized: If `True`, statistics are computed over the global
+            batch of a `tf.distribute` strategy (TensorFlow backend only).
+            Defaults to `False`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of rank 2 or more.
+        training: Python boolean or `None`; see above.
+        mask: Optional boolean tensor with the shape of `inputs` without the
+            feature axes, e.g. `(batch, time)` for `(batch, time, features)`.
+            Masked-out positions take no part in the batch statistics (their
+            outputs are still computed, and are finite). An all-masked batch
+            leaves the moving statistics unchanged. Keras passes the mask of
+            the previous layer (e.g. `Embedding(mask_zero=True)`) for you.
+
+    Reference:
+
+    - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_norms
+    >>> layer = keras_norms.BatchNormalization()
+    >>> x = np.random.normal(3.0, 2.0, size=(64, 8)).astype("float32")
+    >>> y = layer(x, training=True)
+    >>> bool(abs(float(y.numpy().mean())) < 1e-4)
+    True
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        synchronized=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(axis, tuple):
+            axis = list(axis)
+        # Types are checked now, ranges against the input rank in build.
+        _stats.canonicalize_axes(axis)
+        self.axis = axis
+        self.momentum = _stats.check_unit_interval("momentum", momentum)
+        self.epsilon = float(epsilon)
+        if not self.epsilon > 0.0:
+            raise ValueError(
+                f"Argument `epsilon` must be positive. Received: "
+                f"epsilon={epsilon}"
+            )
+        if synchronized and backend.backend() != "tensorflow":
+            raise ValueError(
+                "Argument `synchronized=True` is only supported with the "
+                "TensorFlow backend; on other backends use "
+                "`synchronized=False`. Received: "
+                f"synchronized={synchronized}"
+            )
+        self.synchronized = bool(synchronized)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer
+        )
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        if ndim < 2:
+            raise ValueError(
+                f"{self.__class__.__name__} needs inputs of rank 2 or more. "
+                f"Received: input_shape={input_shape}"
+            )
+        self._feature_axes = _stats.canonicalize_axes(self.axis, ndim)
+        self._reduction_axes = _stats.reduction_axes(self._feature_axes, ndim)
+        for a in self._feature_axes:
+            if input_shape[a] is None:
+                raise ValueError(
+                    f"The feature axis {a} of the input must have a known "
+                    f"size. Received: input_shape={input_shape}, "
+                    f"axis={self.axis}"
+                )
+        self._broadcast_shape = _stats.broadcast_shape(
+            input_shape, self._feature_axes
+        )
+        shape = tuple(input_shape[a] for a in self._feature_axes)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self.add_weight(
+            shape=shape,
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape,
+            name="moving_variance",
+            initializer=self.moving_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.build_statistics(shape)
+        self.input_spec = InputSpec(
+            ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
+        )
+
+    def build_statistics(self, shape):
+        """Hook for subclasses that keep more statistics than BN."""
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            _stats.check_mask(mask, inputs, self._feature_axes)
+        inputs = ops.cast(inputs, _stats.compute_dtype_for(inputs))
+        dtype = inputs.dtype
+        gamma = ops.cast(self.gamma, dtype) if self.scale else None
+        beta = ops.cast(self.beta, dtype) if self.center else None
+        if training and self.trainable:
+            mean, variance, count = _stats.moments(
+                inputs, self._reduction_axes, mask, self.synchronized
+            )
+            outputs = self.normalize_training(
+                inputs, mean, variance, count, gamma, beta
+            )
+        else:
+            outputs = _stats.normalize(
+                inputs,
+                ops.cast(self.moving_mean, dtype),
+                ops.cast(self.moving_variance, dtype),
+                gamma,
+                beta,
+                self.epsilon,
+                self._broadcast_shape,
+            )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def normalize_training(self, inputs, mean, variance, count, gamma, beta):
+        """Normalizes with the batch moments and updates moving statistics.
+
+        `count` is the number of unmasked positions (None without a mask).
+        """
+        _stats.moving_average(self.moving_mean, mean, self.momentum, count)
+        _stats.moving_average(
+            self.moving_variance, variance, self.momentum, count
+        )
+        return _stats.normalize(
+            inputs,
+            mean,
+            variance,
+            gamma,
+            beta,
+            self.epsilon,
+            self._broadcast_shape,
+        )
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+        }
+        return {**super().get_config(), **config}

@@ -1,0 +1,318 @@
+"""Batch Renormalization (Ioffe, 2017)."""
+
+from keras import ops
+from keras.saving import register_keras_serializable
+
+from keras_norms import _stats
+from keras_norms.layers.batch_normalization import BatchNormalization
+
+
+@register_keras_serializable(package="keras_norms")
+class BatchRenormalization(BatchNormalization):
+    """Batch normalization that trains on the statistics it infers with.
+
+    Batch Renormalization (Algorithm 1 of Ioffe, 2017) fixes what breaks
+    batch normalization on small or non-i.i.d. batches: the network is
+    trained on batch-normalized activations but evaluated on activations
+    normalized with moving averages. Renormalization corrects the batch
+    normalization by the affine map that turns it into a normalization by
+    the running averages, clipped so that training stays stable.
+
+    **During training**, with `mean_b` and `std_b = sqrt(var_b + epsilon)`
+    the batch moments, and `mean_r`, `std_r` running averages of them kept
+    with `renorm_momentum`:
+
+    - `r = stop_gradient(clip(std_b / std_r, 1 / rmax, rmax))`
+    - `d = stop_gradient(clip((mean_b - mean_r) / std_r, -dmax, dmax))`
+    - `outputs = gamma * ((inputs - mean_b) / std_b * r + d) + beta`
+
+    then `mean_r`, `std_r` are updated with `renorm_momentum` and the
+    inference statistics (`moving_mean`, `moving_stddev` and
+    `moving_variance = moving_stddev**2 - epsilon`) with `momentum`.
+
+    **During inference**, exactly like `BatchNormalization`:
+    `outputs = gamma * (inputs - moving_mean) / sqrt(moving_variance +
+    epsilon) + beta`.
+
+    With `rmax=1` and `dmax=0` the layer trains exactly like batch
+    normalization. The paper starts training that way and relaxes the
+    clipping over time; `keras_norms.callbacks.RenormWarmup` does this in
+    `fit()`. `rmax` and `dmax` are stored as non-trainable variables (as is
+    the layer's count of training steps), so they change during training
+    without retracing, are saved with the model and resume after loading.
+
+    Args:
+        axis: Integer or list of integers, the feature axis or axes.
+            Defaults to `-1`.
+        momentum: Momentum of the inference statistics, in [0, 1).
+            Defaults to `0.99`.
+        epsilon: Positive float added to the variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned scale `gamma`. Defaults to
+            `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        moving_mean_initializer: Initializer for the moving means (inference
+            and renorm). Defaults to `"zeros"`.
+        moving_variance_initializer: Initializer for the moving variance;
+            the moving standard deviations start at its square root.
+            Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        synchronized: If `True`, statistics are over the global batch of a
+            `tf.distribute` strategy (TensorFlow backend only). Defaults to
+            `False`.
+        rmax: Initial upper clip of `r` (its lower clip is `1 / rmax`),
+            at least 1. Defaults to `3.0`.
+        dmax: Initial clip of `|d|`, at least 0. Defaults to `5.0`.
+        renorm_momentum: Momentum of the running mean and standard deviation
+            that `r` and `d` are computed from, in [0, 1). It affects
+            training: too small adds noise, too large makes them stale.
+            Defaults to `0.99`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of rank 2 or more.
+        training: Python boolean or `None`. Training mode needs
+            `layer.trainable` too; a frozen layer runs in inference mode.
+        mask: Optional boolean tensor with the shape of `inputs` without the
+            feature axes; masked-out positions take no part in the
+            statistics, and an all-masked batch changes no statistic.
+
+    Reference:
+
+    - [Ioffe, 2017](https://arxiv.org/abs/1702.03275).
+
+    Example:
+
+    >>> import keras
+    >>> import keras_norms
+    >>> model = keras.Sequential([
+    ...     keras.Input((8,)),
+    ...     keras.layers.Dense(16, use_bias=False),
+    ...     keras_norms.BatchRenormalization(),
+    ...     keras.layers.ReLU(),
+    ...     keras.layers.Dense(1),
+    ... ])
+    >>> model.compile("adam", "mse")
+    >>> warmup = keras_norms.callbacks.RenormWarmup(
+    ...     rmax_steps=(100, 1000), dmax_steps=(100, 600))
+    >>> # model.fit(x, y, batch_size=4, callbacks=[warmup])
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        synchronized=False,
+        rmax=3.0,
+        dmax=5.0,
+        renorm_momentum=0.99,
+        **kwargs,
+    ):
+        super().__init__(
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+            synchronized=synchronized,
+            **kwargs,
+        )
+        self.rmax = check_rmax("rmax", rmax)
+        self.dmax = check_dmax("dmax", dmax)
+        self.renorm_momentum = _stats.check_unit_interval(
+            "renorm_momentum", renorm_momentum
+        )
+        self._rmax_schedule = None
+        self._dmax_schedule = None
+
+    def build_statistics(self, shape):
+        def sqrt_of_variance_initializer(shape, dtype=None):
+            return ops.sqrt(self.moving_variance_initializer(shape, dtype))
+
+        self.moving_stddev = self.add_weight(
+            shape=shape,
+            name="moving_stddev",
+            initializer=sqrt_of_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.renorm_mean = self.add_weight(
+            shape=shape,
+            name="renorm_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.renorm_stddev = self.add_weight(
+            shape=shape,
+            name="renorm_stddev",
+            initializer=sqrt_of_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.rmax_value = self.add_weight(
+            shape=(),
+            name="rmax",
+            initializer=_constant(self.rmax),
+            trainable=False,
+            autocast=False,
+        )
+        self.dmax_value = self.add_weight(
+            shape=(),
+            name="dmax",
+            initializer=_constant(self.dmax),
+            trainable=False,
+            autocast=False,
+        )
+        self.step = self.add_weight(
+            shape=(),
+            name="step",
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+        )
+
+    def set_clipping_schedule(self, rmax=None, dmax=None):
+        """Makes `rmax` and `dmax` functions of the training step.
+
+        Each argument is `None` (keep the value of the `rmax`/`dmax`
+        variable) or a callable `step -> value` written with `keras.ops`
+        (e.g. a `keras.optimizers.schedules.LearningRateSchedule`). It is
+        evaluated inside each training call at the layer's `step` variable
+        (a float32 tensor), the result clamped to `rmax >= 1`, `dmax >= 0`,
+        stored in the layer's `rmax`/`dmax` variables and used for that
+        step's clipping. `RenormWarmup` calls this for you; a custom training
+        loop can call it directly. A compiled train function must be
+        re-created after the schedule changes.
+        """
+        for name, fn in (("rmax", rmax), ("dmax", dmax)):
+            if fn is not None and not callable(fn):
+                raise TypeError(
+                    f"Argument `{name}` must be None or a callable "
+                    f"step -> value. Received: {name}={fn!r}"
+                )
+        self._rmax_schedule = rmax
+        self._dmax_schedule = dmax
+
+    def _clipping(self):
+        """The (rmax, dmax) of this training step; advances the step."""
+        step = ops.cast(self.step, "float32")
+        rmax, dmax = self.rmax_value, self.dmax_value
+        if self._rmax_schedule is not None:
+            rmax = ops.maximum(
+                ops.cast(self._rmax_schedule(step), "float32"), 1.0
+            )
+            self.rmax_value.assign(rmax)
+        if self._dmax_schedule is not None:
+            dmax = ops.maximum(
+                ops.cast(self._dmax_schedule(step), "float32"), 0.0
+            )
+            self.dmax_value.assign(dmax)
+        self.step.assign_add(ops.cast(1, self.step.dtype))
+        return ops.convert_to_tensor(rmax), ops.convert_to_tensor(dmax)
+
+    def normalize_training(self, inputs, mean, variance, count, gamma, beta):
+        dtype = inputs.dtype
+        rmax, dmax = (ops.cast(v, dtype) for v in self._clipping())
+        stddev = ops.sqrt(variance + self.epsilon)
+        renorm_mean = ops.cast(self.renorm_mean, dtype)
+        renorm_stddev = ops.maximum(
+            ops.cast(self.renorm_stddev, dtype), self.epsilon**0.5
+        )
+        r = ops.clip(stddev / renorm_stddev, 1.0 / rmax, rmax)
+        d = ops.clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)
+        r = ops.stop_gradient(r)
+        d = ops.stop_gradient(d)
+        # gamma * (x_hat * r + d) + beta = x_hat * (gamma * r) + (gamma * d
+        # + beta): one fused normalization with a corrected scale and offset.
+        scale = r if gamma is None else gamma * r
+        offset = d if gamma is None else gamma * d
+        if beta is not None:
+            offset = offset + beta
+
+        _stats.moving_average(
+            self.renorm_mean, mean, self.renorm_momentum, count
+        )
+        _stats.moving_average(
+            self.renorm_stddev, stddev, self.renorm_momentum, count
+        )
+        _stats.moving_average(self.moving_mean, mean, self.momentum, count)
+        moving_stddev = _stats.moving_average(
+            self.moving_stddev, stddev, self.momentum, count
+        )
+        self.moving_variance.assign(
+            ops.cast(
+                ops.relu(ops.square(moving_stddev) - self.epsilon),
+                self.moving_variance.dtype,
+            )
+        )
+        return _stats.normalize(
+            inputs,
+            mean,
+            variance,
+            scale,
+            offset,
+            self.epsilon,
+            self._broadcast_shape,
+        )
+
+    def get_config(self):
+        config = {
+            "rmax": self.rmax,
+            "dmax": self.dmax,
+            "renorm_momentum": self.renorm_momentum,
+        }
+        return {**super().get_config(), **config}
+
+
+def check_rmax(name, value):
+    """Coerces a constant `rmax` to float and checks that it is >= 1."""
+    value = float(value)
+    if not value >= 1.0:
+        raise ValueError(
+            f"Argument `{name}` must be at least 1 (r is clipped to "
+            f"[1/{name}, {name}]). Received: {name}={value}"
+        )
+    return value
+
+
+def check_dmax(name, value):
+    """Coerces a constant `dmax` to float and checks that it is >= 0."""
+    value = float(value)
+    if not value >= 0.0:
+        raise ValueError(
+            f"Argument `{name}` must be at least 0 (d is clipped to "
+            f"[-{name}, {name}]). Received: {name}={value}"
+        )
+    return value
+
+
+def _constant(value):
+    def initializer(shape, dtype=None):
+        return ops.full(shape, value, dtype=dtype)
+
+    return initializer
