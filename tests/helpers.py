@@ -1,0 +1,101 @@
+"""Test helpers on the public Keras API, for every backend."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from keras import ops
+
+BACKEND = keras.backend.backend()
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def train_call(layer, x, dy, mask=None):
+    """Calls `layer(x, training=True, mask=mask)` once, with gradients.
+
+    Returns `(y, dx, grads)` for the loss `sum(dy * y)`, `grads` a dict from
+    trainable weight name to gradient; the layer's state updates are applied
+    as in a training step.
+    """
+    x = ops.convert_to_tensor(np.asarray(x))
+    dy = ops.convert_to_tensor(np.asarray(dy, dtype="float32"))
+    m = None if mask is None else ops.convert_to_tensor(np.asarray(mask))
+    if not layer.built:
+        layer.build(tuple(x.shape))
+    names = [w.name for w in layer.trainable_weights]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True, mask=m)
+            loss = tf.reduce_sum(tf.cast(y, "float32") * dy)
+        grads = tape.gradient(loss, [x] + layer.trainable_variables)
+    elif BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss_fn(x, trainable):
+            y, new_state = layer.stateless_call(
+                trainable, non_trainable, x, training=True, mask=m
+            )
+            return (y.astype("float32") * dy).sum(), (y, new_state)
+
+        (_, (y, new_state)), grads = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(x, trainable)
+        grads = [grads[0]] + list(grads[1])
+        for v, value in zip(layer.non_trainable_variables, new_state):
+            v.assign(value)
+    else:
+        import torch
+
+        x = x.detach().clone().requires_grad_(True)
+        y = layer(x, training=True, mask=m)
+        loss = (y.float() * dy).sum()
+        params = [v.value for v in layer.trainable_variables]
+        grads = torch.autograd.grad(loss, [x] + params)
+    out = [to_numpy(g) for g in grads]
+    return to_numpy(y), out[0], dict(zip(names, out[1:]))
+
+
+def sgd_update(layer, grads, learning_rate=0.1):
+    """Applies `w -= learning_rate * grad` to the layer's trainable weights."""
+    for w in layer.trainable_weights:
+        w.assign(to_numpy(w) - learning_rate * grads[w.name])
+
+
+def weights_by_name(layer):
+    return {w.name: to_numpy(w) for w in layer.weights}
+
+
+def assert_config_round_trip(layer):
+    config = layer.get_config()
+    clone = layer.__class__.from_config(config)
+    assert clone.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    revived = keras.saving.deserialize_keras_object(serialized)
+    assert type(revived) is type(layer)
+    assert revived.get_config() == config
+
+
+def run_python(code, cwd):
+    """Runs `code` in a new Python process on the current backend."""
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout

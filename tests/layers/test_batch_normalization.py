@@ -1,0 +1,313 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_norms
+from tests import references
+from tests.helpers import BACKEND
+from tests.helpers import assert_config_round_trip
+from tests.helpers import sgd_update
+from tests.helpers import to_numpy
+from tests.helpers import train_call
+
+RTOL = 1e-5
+ATOL = 1e-6
+
+CASES = {
+    "2d": ((8, 6), -1),
+    "3d": ((4, 7, 3), -1),
+    "4d_nhwc": ((2, 4, 5, 3), -1),
+    "4d_nchw": ((2, 3, 4, 5), 1),
+    "5d": ((2, 3, 2, 3, 4), -1),
+}
+
+
+def _batches(shape, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        x = rng.normal(1.5 * step - 1.0, 1.0 + step, size=shape)
+        dy = rng.normal(size=shape)
+        yield x.astype("float32"), dy.astype("float32")
+
+
+def _mask(shape, feature_axes, seed=1, keep=0.6):
+    rng = np.random.default_rng(seed)
+    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
+    mask = rng.random(mshape) < keep
+    mask.reshape(mshape[0], -1)[:, 0] = True  # every row keeps a position
+    return mask
+
+
+def _close(actual, expected, what):
+    np.testing.assert_allclose(
+        actual, expected, rtol=RTOL, atol=ATOL, err_msg=what
+    )
+
+
+@pytest.mark.parametrize(
+    "case,masked",
+    [
+        ("2d", False),
+        ("3d", False),
+        ("3d", True),
+        ("4d_nhwc", False),
+        ("4d_nhwc", True),
+        ("5d", True),
+    ],
+)
+def test_trains_like_keras_batch_normalization(case, masked):
+    shape, axis = CASES[case]
+    kwargs = dict(axis=axis, momentum=0.8, epsilon=1e-3)
+    ours = keras_norms.BatchNormalization(**kwargs)
+    theirs = keras.layers.BatchNormalization(**kwargs)
+    mask = _mask(shape, (len(shape) - 1,)) if masked else None
+    for step, (x, dy) in enumerate(_batches(shape, steps=4)):
+        y1, dx1, g1 = train_call(ours, x, dy, mask)
+        y2, dx2, g2 = train_call(theirs, x, dy, mask)
+        _close(y1, y2, f"outputs, step {step}")
+        _close(dx1, dx2, f"input gradient, step {step}")
+        for name in ("gamma", "beta"):
+            _close(g1[name], g2[name], f"{name} gradient, step {step}")
+        for name in ("moving_mean", "moving_variance"):
+            _close(
+                to_numpy(getattr(ours, name)),
+                to_numpy(getattr(theirs, name)),
+                f"{name}, step {step}",
+            )
+        sgd_update(ours, g1)
+        sgd_update(theirs, g2)
+    x, _ = next(_batches(shape, 1, seed=5))
+    _close(
+        to_numpy(ours(x, training=False)),
+        to_numpy(theirs(x, training=False)),
+        "inference",
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize(
+    "case,axis",
+    [
+        ("3d", -1),
+        ("4d_nchw", 1),
+        ("4d_nhwc", [1, 3]),
+        ("5d", (-1, 1)),
+    ],
+)
+@pytest.mark.parametrize(
+    "center,scale", [(True, True), (False, False)], ids=["affine", "plain"]
+)
+def test_matches_numpy_reference(case, axis, masked, center, scale):
+    shape, _ = CASES[case]
+    ndim = len(shape)
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    feature_axes = tuple(sorted(a % ndim for a in axes))
+    pshape = tuple(shape[a] for a in feature_axes)
+    mask = _mask(shape, feature_axes) if masked else None
+    momentum, eps = 0.7, 1e-3
+    layer = keras_norms.BatchNormalization(
+        axis=axis, momentum=momentum, epsilon=eps, center=center, scale=scale
+    )
+    gamma, beta = np.ones(pshape), np.zeros(pshape)
+    moving_mean, moving_var = np.zeros(pshape), np.ones(pshape)
+    for step, (x, dy) in enumerate(_batches(shape, steps=3)):
+        y, dx, grads = train_call(layer, x, dy, mask)
+        ry, rdx, rdg, rdb, mean, var, count = references.normalize_train(
+            x, dy, mask, feature_axes, gamma, beta, eps
+        )
+        _close(y, ry, f"outputs, step {step}")
+        _close(dx, rdx, f"input gradient, step {step}")
+        if scale:
+            _close(grads["gamma"], rdg, f"gamma gradient, step {step}")
+            gamma = gamma - 0.1 * rdg
+        if center:
+            _close(grads["beta"], rdb.reshape(pshape), f"beta grad {step}")
+            beta = beta - 0.1 * rdb.reshape(pshape)
+        moving_mean = references.ema(moving_mean, mean, momentum, count)
+        moving_var = references.ema(moving_var, var, momentum, count)
+        _close(to_numpy(layer.moving_mean), moving_mean, "moving_mean")
+        _close(to_numpy(layer.moving_variance), moving_var, "moving_var")
+        sgd_update(layer, grads)
+    x, _ = next(_batches(shape, 1, seed=9))
+    expected = references.normalize_inference(
+        x, feature_axes, moving_mean, moving_var, gamma, beta, eps
+    )
+    _close(to_numpy(layer(x)), expected, "inference")
+
+
+def test_masked_positions_change_nothing():
+    shape = (3, 6, 4)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype("float32")
+    mask = rng.random(shape[:2]) < 0.5
+    mask[:, 0] = True
+    noisy = np.where(mask[..., None], x, 1e6).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    a = keras_norms.BatchNormalization()
+    b = keras_norms.BatchNormalization()
+    ya, dxa, ga = train_call(a, x, dy * mask[..., None], mask)
+    yb, dxb, gb = train_call(b, noisy, dy * mask[..., None], mask)
+    keep = np.broadcast_to(mask[..., None], shape)
+    _close(ya[keep], yb[keep], "outputs at real positions")
+    _close(dxa, dxb, "input gradients")
+    for name in ("gamma", "beta"):
+        _close(ga[name], gb[name], name)
+    for w in ("moving_mean", "moving_variance"):
+        _close(to_numpy(getattr(a, w)), to_numpy(getattr(b, w)), w)
+
+
+@pytest.mark.parametrize(
+    "cls", [keras_norms.BatchNormalization, keras_norms.BatchRenormalization]
+)
+def test_all_masked_batch_changes_no_statistic(cls):
+    shape = (2, 5, 3)
+    rng = np.random.default_rng(0)
+    layer = cls(momentum=0.5)
+    x = rng.normal(2.0, 3.0, size=shape).astype("float32")
+    train_call(layer, x, np.ones(shape))
+    before = {w.name: to_numpy(w) for w in layer.non_trainable_weights}
+    mask = np.zeros(shape[:2], dtype=bool)
+    y, dx, grads = train_call(layer, x, np.ones(shape), mask)
+    for name, value in before.items():
+        if name in ("step", "rmax", "dmax"):
+            continue
+        after = to_numpy(getattr(layer, name))
+        np.testing.assert_array_equal(after, value, err_msg=name)
+    for value in [y, dx, *grads.values()]:
+        assert np.all(np.isfinite(value))
+
+
+def test_trainable_false_means_inference():
+    shape = (16, 4)
+    rng = np.random.default_rng(0)
+    layer = keras_norms.BatchNormalization(
+        moving_mean_initializer="ones", moving_variance_initializer="ones"
+    )
+    layer.build(shape)
+    layer.trainable = False
+    x = rng.normal(5.0, 2.0, size=shape).astype("float32")
+    y = to_numpy(layer(x, training=True))
+    expected = references.normalize_inference(
+        x, (1,), np.ones(4), np.ones(4), np.ones(4), np.zeros(4), 1e-3
+    )
+    _close(y, expected, "frozen layer output")
+    np.testing.assert_array_equal(to_numpy(layer.moving_mean), np.ones(4))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        keras_norms.BatchNormalization,
+        # rmax=1, dmax=0: batch renormalization reduces to BN.
+        lambda: keras_norms.BatchRenormalization(rmax=1.0, dmax=0.0),
+    ],
+    ids=["bn", "brn"],
+)
+def test_half_precision_computes_in_float32(make, policy):
+    keras.config.set_dtype_policy(policy)
+    shape = (8, 5, 4)
+    rng = np.random.default_rng(0)
+    x = rng.normal(300.0, 50.0, size=shape)
+    layer = make()
+    half = policy.split("_")[1]
+    y = layer(keras.ops.cast(x, half), training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == half
+    for w in layer.weights:
+        assert keras.backend.standardize_dtype(w.dtype) != half
+    # Batch statistics of float16 inputs this far from zero overflow in
+    # float16 (sum of squares); in float32 they are exact.
+    x_half = to_numpy(keras.ops.cast(keras.ops.cast(x, half), "float32"))
+    expected = references.normalize_train(
+        x_half, np.ones(shape), None, (2,), np.ones(4), np.zeros(4), 1e-3
+    )[0]
+    tol = 1e-2 if half == "float16" else 3e-2
+    np.testing.assert_allclose(
+        to_numpy(keras.ops.cast(y, "float32")), expected, atol=tol
+    )
+    mean = references.batch_moments(x_half, None, (2,))[0]
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), 0.01 * mean, rtol=1e-5
+    )
+
+
+def test_config_round_trip():
+    layer = keras_norms.BatchNormalization(
+        axis=[1, 3],
+        momentum=0.9,
+        epsilon=1e-4,
+        center=False,
+        gamma_regularizer="l2",
+        beta_constraint="non_neg",
+        moving_variance_initializer="zeros",
+        name="bn",
+    )
+    assert_config_round_trip(layer)
+    config = layer.get_config()
+    layer.build((2, 3, 4, 5))
+    assert layer.get_config() == config
+    assert [w.name for w in layer.weights] == [
+        "gamma",
+        "moving_mean",
+        "moving_variance",
+    ]
+    assert tuple(layer.gamma.shape) == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        (dict(momentum=1.0), ValueError, "momentum"),
+        (dict(momentum=-0.1), ValueError, "momentum"),
+        (dict(epsilon=0.0), ValueError, "epsilon"),
+        (dict(axis="last"), TypeError, "axis"),
+        (dict(axis=[]), TypeError, "axis"),
+        (dict(axis=1.5), TypeError, "axis"),
+    ],
+)
+def test_bad_arguments(kwargs, error, needle):
+    with pytest.raises(error, match=needle):
+        keras_norms.BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "axis,shape", [(3, (2, 3, 4)), (-4, (2, 3, 4)), ([1, -2], (2, 3, 4))]
+)
+def test_bad_axis_for_input(axis, shape):
+    layer = keras_norms.BatchNormalization(axis=axis)
+    with pytest.raises(ValueError, match="axis"):
+        layer.build(shape)
+
+
+def test_rank_one_input_is_refused():
+    with pytest.raises(ValueError, match="rank 2"):
+        keras_norms.BatchNormalization().build((5,))
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 3, 4), (2,), (2, 4)])
+def test_mask_of_wrong_shape(mask_shape):
+    layer = keras_norms.BatchNormalization()
+    x = np.ones((2, 3, 4), "float32")
+    with pytest.raises(ValueError, match="mask"):
+        layer(x, training=True, mask=np.ones(mask_shape, bool))
+
+
+def test_synchronized_outside_tensorflow():
+    if BACKEND == "tensorflow":
+        layer = keras_norms.BatchNormalization(synchronized=True)
+        assert layer.get_config()["synchronized"] is True
+    else:
+        with pytest.raises(ValueError, match="synchronized"):
+            keras_norms.BatchNormalization(synchronized=True)
+
+
+def test_mask_flows_to_next_layer():
+    inputs = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(10, 4, mask_zero=True)(inputs)
+    h = keras_norms.BatchNormalization()(h)
+    outputs = keras.layers.LSTM(3)(h)
+    model = keras.Model(inputs, outputs)
+    tokens = np.array([[1, 2, 0, 0], [3, 0, 0, 0]])
+    full = to_numpy(model(tokens))
+    cropped = to_numpy(model(tokens[:, :2]))
+    _close(full, cropped, "padding changed an LSTM output")
