@@ -5,6 +5,7 @@ import pytest
 import keras_norms
 from tests import references
 from tests.helpers import BACKEND
+from tests.helpers import assert_close_to_reference
 from tests.helpers import assert_config_round_trip
 from tests.helpers import sgd_update
 from tests.helpers import to_numpy
@@ -115,24 +116,32 @@ def test_matches_numpy_reference(case, axis, masked, center, scale):
         ry, rdx, rdg, rdb, mean, var, count = references.normalize_train(
             x, dy, mask, feature_axes, gamma, beta, eps
         )
-        _close(y, ry, f"outputs, step {step}")
-        _close(dx, rdx, f"input gradient, step {step}")
+        assert_close_to_reference(y, ry, f"outputs, step {step}")
+        assert_close_to_reference(dx, rdx, f"input gradient, step {step}")
         if scale:
-            _close(grads["gamma"], rdg, f"gamma gradient, step {step}")
+            assert_close_to_reference(
+                grads["gamma"], rdg, f"gamma gradient, step {step}"
+            )
             gamma = gamma - 0.1 * rdg
         if center:
-            _close(grads["beta"], rdb.reshape(pshape), f"beta grad {step}")
+            assert_close_to_reference(
+                grads["beta"], rdb.reshape(pshape), f"beta grad {step}"
+            )
             beta = beta - 0.1 * rdb.reshape(pshape)
         moving_mean = references.ema(moving_mean, mean, momentum, count)
         moving_var = references.ema(moving_var, var, momentum, count)
-        _close(to_numpy(layer.moving_mean), moving_mean, "moving_mean")
-        _close(to_numpy(layer.moving_variance), moving_var, "moving_var")
+        assert_close_to_reference(
+            to_numpy(layer.moving_mean), moving_mean, "moving_mean"
+        )
+        assert_close_to_reference(
+            to_numpy(layer.moving_variance), moving_var, "moving_var"
+        )
         sgd_update(layer, grads)
     x, _ = next(_batches(shape, 1, seed=9))
     expected = references.normalize_inference(
         x, feature_axes, moving_mean, moving_var, gamma, beta, eps
     )
-    _close(to_numpy(layer(x)), expected, "inference")
+    assert_close_to_reference(to_numpy(layer(x)), expected, "inference")
 
 
 def test_masked_positions_change_nothing():
@@ -190,7 +199,7 @@ def test_trainable_false_means_inference():
     expected = references.normalize_inference(
         x, (1,), np.ones(4), np.ones(4), np.ones(4), np.zeros(4), 1e-3
     )
-    _close(y, expected, "frozen layer output")
+    assert_close_to_reference(y, expected, "frozen layer output")
     np.testing.assert_array_equal(to_numpy(layer.moving_mean), np.ones(4))
 
 

@@ -1,0 +1,219 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_norms
+from tests import references
+from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_config_round_trip
+from tests.helpers import sgd_update
+from tests.helpers import to_numpy
+from tests.helpers import train_call
+
+RTOL = 1e-5
+ATOL = 1e-6
+STATS = (
+    "moving_mean",
+    "moving_variance",
+    "moving_stddev",
+    "renorm_mean",
+    "renorm_stddev",
+)
+
+
+def _batches(shape, steps, seed=0, spread=3.0):
+    """Batches whose statistics drift, so that r and d get clipped."""
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        loc = spread * (step % 3) - 2.0
+        scale = 0.2 + spread * (step % 2)
+        x = rng.normal(loc, scale, size=shape).astype("float32")
+        yield x, rng.normal(size=shape).astype("float32")
+
+
+def _mask(shape, seed=1):
+    mask = np.random.default_rng(seed).random(shape[:-1]) < 0.6
+    mask.reshape(shape[0], -1)[:, 0] = True
+    return mask
+
+
+def _close(actual, expected, what):
+    np.testing.assert_allclose(
+        actual, expected, rtol=RTOL, atol=ATOL, err_msg=what
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,masked",
+    [((16, 5), False), ((4, 6, 3), False), ((4, 6, 3), True)],
+    ids=["2d", "3d", "3d_mask"],
+)
+@pytest.mark.parametrize("rmax,dmax", [(1.5, 0.5), (3.0, 5.0)])
+def test_trains_like_keras_renorm(shape, masked, rmax, dmax):
+    common = dict(momentum=0.9, epsilon=1e-3, renorm_momentum=0.7)
+    ours = keras_norms.BatchRenormalization(rmax=rmax, dmax=dmax, **common)
+    clipping = {"rmin": 1.0 / rmax, "rmax": rmax, "dmax": dmax}
+    theirs = keras.layers.BatchNormalization(
+        renorm=True, renorm_clipping=clipping, **common
+    )
+    mask = _mask(shape) if masked else None
+    for step, (x, dy) in enumerate(_batches(shape, steps=5)):
+        y1, dx1, g1 = train_call(ours, x, dy, mask)
+        y2, dx2, g2 = train_call(theirs, x, dy, mask)
+        _close(y1, y2, f"outputs, step {step}")
+        _close(dx1, dx2, f"input gradient, step {step}")
+        for name in ("gamma", "beta"):
+            _close(g1[name], g2[name], f"{name} gradient, step {step}")
+        for name in STATS:
+            _close(
+                to_numpy(getattr(ours, name)),
+                to_numpy(getattr(theirs, name)),
+                f"{name}, step {step}",
+            )
+        sgd_update(ours, g1)
+        sgd_update(theirs, g2)
+    x, _ = next(_batches(shape, 1, seed=3))
+    _close(to_numpy(ours(x)), to_numpy(theirs(x)), "inference")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_matches_paper_algorithm(masked):
+    shape, eps = (6, 5, 4), 1e-3
+    layer = keras_norms.BatchRenormalization(
+        rmax=2.0, dmax=1.0, momentum=0.8, renorm_momentum=0.6, epsilon=eps
+    )
+    ref = references.RenormReference(4, eps, 0.8, 0.6)
+    mask = _mask(shape) if masked else None
+    clipped_r = clipped_d = 0
+    for step, (x, dy) in enumerate(_batches(shape, steps=6)):
+        y, dx, grads = train_call(layer, x, dy, mask)
+        ry, rdx, rdg, rdb, r, d = ref.train(x, dy, mask, (2,), 2.0, 1.0)
+        clipped_r += int(np.sum((r == 2.0) | (r == 0.5)))
+        clipped_d += int(np.sum(np.abs(d) == 1.0))
+        assert_close_to_reference(y, ry, f"outputs, step {step}")
+        assert_close_to_reference(dx, rdx, f"input gradient, step {step}")
+        assert_close_to_reference(
+            grads["gamma"], rdg, f"gamma gradient, step {step}"
+        )
+        assert_close_to_reference(
+            grads["beta"], rdb, f"beta gradient, step {step}"
+        )
+        for name in STATS:
+            assert_close_to_reference(
+                to_numpy(getattr(layer, name)), getattr(ref, name), name
+            )
+        sgd_update(layer, grads)
+        ref.gamma = ref.gamma - 0.1 * rdg
+        ref.beta = ref.beta - 0.1 * rdb
+    # The data must exercise the clipping, or the test proves little.
+    assert clipped_r > 0 and clipped_d > 0
+    assert int(to_numpy(layer.step)) == 6
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_unit_clipping_trains_like_batch_normalization(masked):
+    shape = (4, 6, 3)
+    brn = keras_norms.BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.9)
+    bn = keras_norms.BatchNormalization(momentum=0.9)
+    mask = _mask(shape) if masked else None
+    for step, (x, dy) in enumerate(_batches(shape, steps=4)):
+        y1, dx1, g1 = train_call(brn, x, dy, mask)
+        y2, dx2, g2 = train_call(bn, x, dy, mask)
+        _close(y1, y2, f"outputs, step {step}")
+        _close(dx1, dx2, f"input gradient, step {step}")
+        for name in ("gamma", "beta"):
+            _close(g1[name], g2[name], f"{name} gradient, step {step}")
+        _close(to_numpy(brn.moving_mean), to_numpy(bn.moving_mean), "mean")
+        sgd_update(brn, g1)
+        sgd_update(bn, g2)
+
+
+def test_inference_uses_moving_statistics():
+    layer = keras_norms.BatchRenormalization(momentum=0.5)
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(32, 4)).astype("float32")
+    layer(x, training=True)
+    step = int(to_numpy(layer.step))
+    expected = references.normalize_inference(
+        x,
+        (1,),
+        to_numpy(layer.moving_mean),
+        to_numpy(layer.moving_variance),
+        to_numpy(layer.gamma),
+        to_numpy(layer.beta),
+        1e-3,
+    )
+    assert_close_to_reference(
+        to_numpy(layer(x, training=False)), expected, "inference"
+    )
+    layer.trainable = False
+    assert_close_to_reference(
+        to_numpy(layer(x, training=True)), expected, "frozen"
+    )
+    assert int(to_numpy(layer.step)) == step
+
+
+def test_schedule_sets_clipping_per_step():
+    layer = keras_norms.BatchRenormalization(renorm_momentum=0.0)
+    layer.set_clipping_schedule(
+        rmax=lambda step: 1.0 + step, dmax=lambda step: 0.5 * step - 1.0
+    )
+    rng = np.random.default_rng(0)
+    for step in range(4):
+        x = rng.normal(size=(8, 2)).astype("float32")
+        layer(x, training=True)
+        assert float(to_numpy(layer.rmax_value)) == 1.0 + step
+        # Values below the valid range are clamped to it.
+        assert float(to_numpy(layer.dmax_value)) == max(0.5 * step - 1, 0)
+    layer.set_clipping_schedule(None, None)
+    layer(x, training=True)
+    assert float(to_numpy(layer.rmax_value)) == 4.0
+    with pytest.raises(TypeError, match="rmax"):
+        layer.set_clipping_schedule(rmax=2.0)
+
+
+def test_config_round_trip_and_weights():
+    layer = keras_norms.BatchRenormalization(
+        rmax=2.5, dmax=1.5, renorm_momentum=0.9, momentum=0.95, name="brn"
+    )
+    assert_config_round_trip(layer)
+    config = layer.get_config()
+    assert (config["rmax"], config["dmax"]) == (2.5, 1.5)
+    assert config["renorm_momentum"] == 0.9
+    layer.build((None, 3))
+    assert [w.name for w in layer.trainable_weights] == ["gamma", "beta"]
+    assert [w.name for w in layer.non_trainable_weights] == [
+        "moving_mean",
+        "moving_variance",
+        "moving_stddev",
+        "renorm_mean",
+        "renorm_stddev",
+        "rmax",
+        "dmax",
+        "step",
+    ]
+    assert float(to_numpy(layer.rmax_value)) == 2.5
+    assert float(to_numpy(layer.dmax_value)) == 1.5
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(rmax=0.5), "rmax"),
+        (dict(dmax=-1.0), "dmax"),
+        (dict(renorm_momentum=1.0), "renorm_momentum"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(epsilon=-1e-3), "epsilon"),
+    ],
+)
+def test_bad_arguments(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        keras_norms.BatchRenormalization(**kwargs)
+
+
+def test_bad_axis_and_mask():
+    with pytest.raises(ValueError, match="axis"):
+        keras_norms.BatchRenormalization(axis=2).build((4, 2))
+    layer = keras_norms.BatchRenormalization()
+    with pytest.raises(ValueError, match="mask"):
+        layer(np.ones((2, 3, 4), "float32"), mask=np.ones((2, 4), bool))
