@@ -133,10 +133,16 @@ def moments(inputs, axes, mask=None, synchronized=False):
         every position masked, mean and variance are 0 (never NaN).
     """
     if mask is None:
-        mean, variance = ops.moments(
-            inputs, axes=axes, synchronized=synchronized
-        )
-        return mean, variance, None
+        if synchronized:
+            mean, variance = ops.moments(inputs, axes=axes, synchronized=True)
+            return mean, variance, None
+        # Two passes on every backend (as tf.nn.moments does): Keras's torch
+        # backend uses E[x^2] - E[x]^2, which loses the variance to float32
+        # cancellation when |mean| >> std.
+        mean = ops.mean(inputs, axis=axes, keepdims=True)
+        centered = inputs - ops.stop_gradient(mean)
+        variance = ops.mean(ops.square(centered), axis=axes)
+        return ops.squeeze(mean, axis=axes), variance, None
     ndim = len(inputs.shape)
     feature_axes = tuple(a for a in range(ndim) if a not in axes)
     weights = _expand_mask(mask, feature_axes, inputs.dtype)

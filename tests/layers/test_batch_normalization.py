@@ -66,7 +66,10 @@ def test_trains_like_keras_batch_normalization(case, masked):
         y1, dx1, g1 = train_call(ours, x, dy, mask)
         y2, dx2, g2 = train_call(theirs, x, dy, mask)
         _close(y1, y2, f"outputs, step {step}")
-        _close(dx1, dx2, f"input gradient, step {step}")
+        # Input gradients are differences of terms up to |dy| / sigma: float32
+        # cancellation makes entries near zero lose relative precision, so
+        # they get an absolute slack of 1e-5 of the largest entry.
+        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
         for name in ("gamma", "beta"):
             _close(g1[name], g2[name], f"{name} gradient, step {step}")
         for name in ("moving_mean", "moving_variance"):

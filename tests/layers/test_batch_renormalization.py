@@ -21,12 +21,17 @@ STATS = (
 )
 
 
-def _batches(shape, steps, seed=0, spread=3.0):
-    """Batches whose statistics drift, so that r and d get clipped."""
+def _batches(shape, steps, seed=0):
+    """Batches whose statistics jump around, so that r and d get clipped.
+
+    |mean| stays within 3 standard deviations: Keras's torch backend
+    computes the variance as E[x^2] - E[x]^2, which is only accurate to
+    1e-5 for such data.
+    """
     rng = np.random.default_rng(seed)
     for step in range(steps):
-        loc = spread * (step % 3) - 2.0
-        scale = 0.2 + spread * (step % 2)
+        loc = 1.5 * (step % 3 - 1)
+        scale = 0.5 if step % 2 == 0 else 2.0
         x = rng.normal(loc, scale, size=shape).astype("float32")
         yield x, rng.normal(size=shape).astype("float32")
 
@@ -61,7 +66,10 @@ def test_trains_like_keras_renorm(shape, masked, rmax, dmax):
         y1, dx1, g1 = train_call(ours, x, dy, mask)
         y2, dx2, g2 = train_call(theirs, x, dy, mask)
         _close(y1, y2, f"outputs, step {step}")
-        _close(dx1, dx2, f"input gradient, step {step}")
+        # Input gradients are differences of terms up to |dy| / sigma: float32
+        # cancellation makes entries near zero lose relative precision, so
+        # they get an absolute slack of 1e-5 of the largest entry.
+        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
         for name in ("gamma", "beta"):
             _close(g1[name], g2[name], f"{name} gradient, step {step}")
         for name in STATS:
@@ -120,7 +128,10 @@ def test_unit_clipping_trains_like_batch_normalization(masked):
         y1, dx1, g1 = train_call(brn, x, dy, mask)
         y2, dx2, g2 = train_call(bn, x, dy, mask)
         _close(y1, y2, f"outputs, step {step}")
-        _close(dx1, dx2, f"input gradient, step {step}")
+        # Input gradients are differences of terms up to |dy| / sigma: float32
+        # cancellation makes entries near zero lose relative precision, so
+        # they get an absolute slack of 1e-5 of the largest entry.
+        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
         for name in ("gamma", "beta"):
             _close(g1[name], g2[name], f"{name} gradient, step {step}")
         _close(to_numpy(brn.moving_mean), to_numpy(bn.moving_mean), "mean")
