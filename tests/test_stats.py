@@ -1,0 +1,80 @@
+"""The shared math of `keras_norms._stats` against NumPy."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_norms import _stats
+from tests import references
+from tests.helpers import to_numpy
+
+
+@pytest.mark.parametrize(
+    "axis,ndim,expected",
+    [(-1, 3, (2,)), (1, 4, (1,)), ([3, -3], 4, (1, 3)), ((0,), 2, (0,))],
+)
+def test_canonicalize_axes(axis, ndim, expected):
+    assert _stats.canonicalize_axes(axis, ndim) == expected
+    assert _stats.reduction_axes(expected, ndim) == tuple(
+        a for a in range(ndim) if a not in expected
+    )
+
+
+@pytest.mark.parametrize(
+    "axis,error", [(3, ValueError), ([1, -2], ValueError), ("x", TypeError)]
+)
+def test_canonicalize_axes_refuses(axis, error):
+    with pytest.raises(error, match="axis"):
+        _stats.canonicalize_axes(axis, 3)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize(
+    "shape,feature_axes",
+    [((5, 7, 3), (2,)), ((4, 3, 5, 2), (1,)), ((3, 4, 5, 6), (1, 3))],
+)
+def test_moments_match_numpy(shape, feature_axes, masked):
+    rng = np.random.default_rng(0)
+    # A mean far larger than the spread: the two-pass variance keeps it.
+    x = rng.normal(1000.0, 0.5, size=shape).astype("float32")
+    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
+    mask = rng.random(mshape) < 0.5 if masked else None
+    axes = _stats.reduction_axes(feature_axes, len(shape))
+    mean, var, count = _stats.moments(
+        ops.convert_to_tensor(x),
+        axes,
+        None if mask is None else ops.convert_to_tensor(mask),
+    )
+    rmean, rvar, rcount = references.batch_moments(x, mask, feature_axes)
+    np.testing.assert_allclose(to_numpy(mean), rmean, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(var), rvar, rtol=2e-3)
+    if masked:
+        assert float(to_numpy(count)) == rcount
+    else:
+        assert count is None
+
+
+def test_moments_of_an_all_masked_batch_are_zero():
+    x = ops.ones((2, 3, 4))
+    mean, var, count = _stats.moments(x, (0, 1), ops.zeros((2, 3), "bool"))
+    np.testing.assert_array_equal(to_numpy(mean), np.zeros(4))
+    np.testing.assert_array_equal(to_numpy(var), np.zeros(4))
+    assert float(to_numpy(count)) == 0.0
+
+
+def test_normalize_is_the_affine_batch_norm():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 5)).astype("float32")
+    mean, var = rng.normal(size=5), rng.random(5) + 0.5
+    gamma, beta = rng.normal(size=5), rng.normal(size=5)
+    got = _stats.normalize(
+        ops.convert_to_tensor(x),
+        *(ops.convert_to_tensor(v.astype("float32")) for v in (mean, var)),
+        *(ops.convert_to_tensor(v.astype("float32")) for v in (gamma, beta)),
+        1e-3,
+        (1, 1, 5),
+    )
+    expected = references.normalize_inference(
+        x, (2,), mean, var, gamma, beta, 1e-3
+    )
+    np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-5, atol=1e-6)
