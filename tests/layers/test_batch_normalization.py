@@ -7,6 +7,7 @@ from tests import references
 from tests.helpers import BACKEND
 from tests.helpers import assert_close_to_reference
 from tests.helpers import assert_config_round_trip
+from tests.helpers import run_python
 from tests.helpers import sgd_update
 from tests.helpers import to_numpy
 from tests.helpers import train_call
@@ -323,3 +324,54 @@ def test_mask_flows_to_next_layer():
     full = to_numpy(model(tokens))
     cropped = to_numpy(model(tokens[:, :2]))
     _close(full, cropped, "padding changed an LSTM output")
+
+
+SYNC_CODE = """
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+import keras_norms
+
+rng = np.random.default_rng(0)
+x = rng.normal(2.0, 3.0, size=(8, 5, 3)).astype("float32")
+mask = rng.random((8, 5)) < 0.6
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+for masked in (False, True):
+    with strategy.scope():
+        layer = keras_norms.BatchNormalization(momentum=0.0, synchronized=True)
+        layer.build((4, 5, 3))
+
+    def step(inputs, m):
+        return layer(inputs, training=True, mask=m if masked else None)
+
+    dist = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            x[ctx.replica_id_in_sync_group * 4:][:4],
+            mask[ctx.replica_id_in_sync_group * 4:][:4],
+        )
+    )
+    strategy.run(step, args=dist)
+    np.save(f"mean_{masked}.npy", layer.moving_mean.numpy())
+    np.save(f"var_{masked}.npy", layer.moving_variance.numpy())
+"""
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="synchronized=True is TensorFlow's"
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_synchronized_statistics_are_global(masked, tmp_path):
+    run_python(SYNC_CODE, tmp_path)
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(8, 5, 3))
+    mask = rng.random((8, 5)) < 0.6
+    mean, var, _ = references.batch_moments(x, mask if masked else None, (2,))
+    assert_close_to_reference(
+        np.load(tmp_path / f"mean_{masked}.npy"), mean, "global mean"
+    )
+    assert_close_to_reference(
+        np.load(tmp_path / f"var_{masked}.npy"), var, "global variance"
+    )
