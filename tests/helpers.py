@@ -113,3 +113,44 @@ def assert_close_to_reference(actual, expected, what, rtol=1e-5):
     np.testing.assert_allclose(
         actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-3), err_msg=what
     )
+
+
+def assert_close(actual, expected, what, rtol=1e-5, atol=1e-6):
+    """float32 results against float32 results (e.g. Keras's layers)."""
+    np.testing.assert_allclose(
+        actual, expected, rtol=rtol, atol=atol, err_msg=what
+    )
+
+
+def random_mask(shape, feature_axes, seed=1, keep=0.6):
+    """A boolean mask of `shape` without the feature axes; each batch row
+    keeps at least one position."""
+    rng = np.random.default_rng(seed)
+    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
+    mask = rng.random(mshape) < keep
+    mask.reshape(mshape[0], -1)[:, 0] = True
+    return mask
+
+
+def assert_trains_alike(ours, theirs, batches, mask, statistics):
+    """Trains two layers side by side on `(x, dy)` batches with SGD and
+    asserts equal outputs, gradients and `statistics` at every step."""
+    for step, (x, dy) in enumerate(batches):
+        y1, dx1, g1 = train_call(ours, x, dy, mask)
+        y2, dx2, g2 = train_call(theirs, x, dy, mask)
+        assert_close(y1, y2, f"outputs, step {step}")
+        # Input gradients are differences of terms up to |dy| / sigma: float32
+        # cancellation makes entries near zero lose relative precision, so
+        # they get an absolute slack of 1e-5 of the largest entry.
+        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
+        assert sorted(g1) == sorted(g2)
+        for name in g1:
+            assert_close(g1[name], g2[name], f"{name} gradient, step {step}")
+        for name in statistics:
+            assert_close(
+                to_numpy(getattr(ours, name)),
+                to_numpy(getattr(theirs, name)),
+                f"{name}, step {step}",
+            )
+        sgd_update(ours, g1)
+        sgd_update(theirs, g2)

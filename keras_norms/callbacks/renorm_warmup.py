@@ -69,8 +69,13 @@ class RenormWarmup(Callback):
     `steps_per_execution > 1`, and a model saved mid-warm-up resumes the
     schedule where it stopped. At the end of each epoch the current `rmax`
     and `dmax` are written to the logs (so `History`, `CSVLogger` and
-    `TensorBoard` record them). When training ends the layers keep the last
-    values as constants.
+    `TensorBoard` record them; list `RenormWarmup` before `CSVLogger` and
+    `TensorBoard`, which read the logs in list order). When training ends
+    the layers keep the last values as constants.
+
+    The layer's step counts its training calls: a layer called several
+    times per train step (shared, or inside `TimeDistributed`) moves along
+    its schedule that many times per step.
 
     Args:
         rmax: Final `rmax` (>= 1), or a callable `step -> rmax` written with

@@ -5,15 +5,15 @@ import pytest
 import keras_norms
 from tests import references
 from tests.helpers import BACKEND
+from tests.helpers import assert_close
 from tests.helpers import assert_close_to_reference
 from tests.helpers import assert_config_round_trip
+from tests.helpers import assert_trains_alike
+from tests.helpers import random_mask
 from tests.helpers import run_python
 from tests.helpers import sgd_update
 from tests.helpers import to_numpy
 from tests.helpers import train_call
-
-RTOL = 1e-5
-ATOL = 1e-6
 
 CASES = {
     "2d": ((8, 6), -1),
@@ -32,20 +32,6 @@ def _batches(shape, steps, seed=0):
         yield x.astype("float32"), dy.astype("float32")
 
 
-def _mask(shape, feature_axes, seed=1, keep=0.6):
-    rng = np.random.default_rng(seed)
-    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
-    mask = rng.random(mshape) < keep
-    mask.reshape(mshape[0], -1)[:, 0] = True  # every row keeps a position
-    return mask
-
-
-def _close(actual, expected, what):
-    np.testing.assert_allclose(
-        actual, expected, rtol=RTOL, atol=ATOL, err_msg=what
-    )
-
-
 @pytest.mark.parametrize(
     "case,masked",
     [
@@ -62,27 +48,16 @@ def test_trains_like_keras_batch_normalization(case, masked):
     kwargs = dict(axis=axis, momentum=0.8, epsilon=1e-3)
     ours = keras_norms.BatchNormalization(**kwargs)
     theirs = keras.layers.BatchNormalization(**kwargs)
-    mask = _mask(shape, (len(shape) - 1,)) if masked else None
-    for step, (x, dy) in enumerate(_batches(shape, steps=4)):
-        y1, dx1, g1 = train_call(ours, x, dy, mask)
-        y2, dx2, g2 = train_call(theirs, x, dy, mask)
-        _close(y1, y2, f"outputs, step {step}")
-        # Input gradients are differences of terms up to |dy| / sigma: float32
-        # cancellation makes entries near zero lose relative precision, so
-        # they get an absolute slack of 1e-5 of the largest entry.
-        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
-        for name in ("gamma", "beta"):
-            _close(g1[name], g2[name], f"{name} gradient, step {step}")
-        for name in ("moving_mean", "moving_variance"):
-            _close(
-                to_numpy(getattr(ours, name)),
-                to_numpy(getattr(theirs, name)),
-                f"{name}, step {step}",
-            )
-        sgd_update(ours, g1)
-        sgd_update(theirs, g2)
+    mask = random_mask(shape, (len(shape) - 1,)) if masked else None
+    assert_trains_alike(
+        ours,
+        theirs,
+        _batches(shape, steps=4),
+        mask,
+        ("moving_mean", "moving_variance"),
+    )
     x, _ = next(_batches(shape, 1, seed=5))
-    _close(
+    assert_close(
         to_numpy(ours(x, training=False)),
         to_numpy(theirs(x, training=False)),
         "inference",
@@ -108,7 +83,7 @@ def test_matches_numpy_reference(case, axis, masked, center, scale):
     axes = [axis] if isinstance(axis, int) else list(axis)
     feature_axes = tuple(sorted(a % ndim for a in axes))
     pshape = tuple(shape[a] for a in feature_axes)
-    mask = _mask(shape, feature_axes) if masked else None
+    mask = random_mask(shape, feature_axes) if masked else None
     momentum, eps = 0.7, 1e-3
     layer = keras_norms.BatchNormalization(
         axis=axis, momentum=momentum, epsilon=eps, center=center, scale=scale
@@ -161,12 +136,12 @@ def test_masked_positions_change_nothing():
     ya, dxa, ga = train_call(a, x, dy * mask[..., None], mask)
     yb, dxb, gb = train_call(b, noisy, dy * mask[..., None], mask)
     keep = np.broadcast_to(mask[..., None], shape)
-    _close(ya[keep], yb[keep], "outputs at real positions")
-    _close(dxa, dxb, "input gradients")
+    assert_close(ya[keep], yb[keep], "outputs at real positions")
+    assert_close(dxa, dxb, "input gradients")
     for name in ("gamma", "beta"):
-        _close(ga[name], gb[name], name)
+        assert_close(ga[name], gb[name], name)
     for w in ("moving_mean", "moving_variance"):
-        _close(to_numpy(getattr(a, w)), to_numpy(getattr(b, w)), w)
+        assert_close(to_numpy(getattr(a, w)), to_numpy(getattr(b, w)), w)
 
 
 @pytest.mark.parametrize(
@@ -323,7 +298,7 @@ def test_mask_flows_to_next_layer():
     tokens = np.array([[1, 2, 0, 0], [3, 0, 0, 0]])
     full = to_numpy(model(tokens))
     cropped = to_numpy(model(tokens[:, :2]))
-    _close(full, cropped, "padding changed an LSTM output")
+    assert_close(full, cropped, "padding changed an LSTM output")
 
 
 SYNC_CODE = """

@@ -4,14 +4,15 @@ import pytest
 
 import keras_norms
 from tests import references
+from tests.helpers import assert_close
 from tests.helpers import assert_close_to_reference
 from tests.helpers import assert_config_round_trip
+from tests.helpers import assert_trains_alike
+from tests.helpers import random_mask
 from tests.helpers import sgd_update
 from tests.helpers import to_numpy
 from tests.helpers import train_call
 
-RTOL = 1e-5
-ATOL = 1e-6
 STATS = (
     "moving_mean",
     "moving_variance",
@@ -36,18 +37,6 @@ def _batches(shape, steps, seed=0):
         yield x, rng.normal(size=shape).astype("float32")
 
 
-def _mask(shape, seed=1):
-    mask = np.random.default_rng(seed).random(shape[:-1]) < 0.6
-    mask.reshape(shape[0], -1)[:, 0] = True
-    return mask
-
-
-def _close(actual, expected, what):
-    np.testing.assert_allclose(
-        actual, expected, rtol=RTOL, atol=ATOL, err_msg=what
-    )
-
-
 @pytest.mark.parametrize(
     "shape,masked",
     [((16, 5), False), ((4, 6, 3), False), ((4, 6, 3), True)],
@@ -61,27 +50,10 @@ def test_trains_like_keras_renorm(shape, masked, rmax, dmax):
     theirs = keras.layers.BatchNormalization(
         renorm=True, renorm_clipping=clipping, **common
     )
-    mask = _mask(shape) if masked else None
-    for step, (x, dy) in enumerate(_batches(shape, steps=5)):
-        y1, dx1, g1 = train_call(ours, x, dy, mask)
-        y2, dx2, g2 = train_call(theirs, x, dy, mask)
-        _close(y1, y2, f"outputs, step {step}")
-        # Input gradients are differences of terms up to |dy| / sigma: float32
-        # cancellation makes entries near zero lose relative precision, so
-        # they get an absolute slack of 1e-5 of the largest entry.
-        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
-        for name in ("gamma", "beta"):
-            _close(g1[name], g2[name], f"{name} gradient, step {step}")
-        for name in STATS:
-            _close(
-                to_numpy(getattr(ours, name)),
-                to_numpy(getattr(theirs, name)),
-                f"{name}, step {step}",
-            )
-        sgd_update(ours, g1)
-        sgd_update(theirs, g2)
+    mask = random_mask(shape, (len(shape) - 1,)) if masked else None
+    assert_trains_alike(ours, theirs, _batches(shape, steps=5), mask, STATS)
     x, _ = next(_batches(shape, 1, seed=3))
-    _close(to_numpy(ours(x)), to_numpy(theirs(x)), "inference")
+    assert_close(to_numpy(ours(x)), to_numpy(theirs(x)), "inference")
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -91,7 +63,7 @@ def test_matches_paper_algorithm(masked):
         rmax=2.0, dmax=1.0, momentum=0.8, renorm_momentum=0.6, epsilon=eps
     )
     ref = references.RenormReference(4, eps, 0.8, 0.6)
-    mask = _mask(shape) if masked else None
+    mask = random_mask(shape, (2,)) if masked else None
     clipped_r = clipped_d = 0
     for step, (x, dy) in enumerate(_batches(shape, steps=6)):
         y, dx, grads = train_call(layer, x, dy, mask)
@@ -123,20 +95,9 @@ def test_unit_clipping_trains_like_batch_normalization(masked):
     shape = (4, 6, 3)
     brn = keras_norms.BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.9)
     bn = keras_norms.BatchNormalization(momentum=0.9)
-    mask = _mask(shape) if masked else None
-    for step, (x, dy) in enumerate(_batches(shape, steps=4)):
-        y1, dx1, g1 = train_call(brn, x, dy, mask)
-        y2, dx2, g2 = train_call(bn, x, dy, mask)
-        _close(y1, y2, f"outputs, step {step}")
-        # Input gradients are differences of terms up to |dy| / sigma: float32
-        # cancellation makes entries near zero lose relative precision, so
-        # they get an absolute slack of 1e-5 of the largest entry.
-        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
-        for name in ("gamma", "beta"):
-            _close(g1[name], g2[name], f"{name} gradient, step {step}")
-        _close(to_numpy(brn.moving_mean), to_numpy(bn.moving_mean), "mean")
-        sgd_update(brn, g1)
-        sgd_update(bn, g2)
+    mask = random_mask(shape, (2,)) if masked else None
+    batches = _batches(shape, steps=4)
+    assert_trains_alike(brn, bn, batches, mask, ("moving_mean",))
 
 
 def test_inference_uses_moving_statistics():
