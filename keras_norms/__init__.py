@@ -5,13 +5,17 @@ Importing this package registers every layer and callback with Keras, so
 """
 
 from keras_norms import callbacks
+from keras_norms.layers import CBN
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import BatchRenormalization
+from keras_norms.layers import CrossIterationBatchNormalization
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormalization",
     "BatchRenormalization",
+    "CBN",
+    "CrossIterationBatchNormalization",
     "callbacks",
 ]

@@ -137,3 +137,156 @@ class RenormReference:
         self.moving_stddev = ema(self.moving_stddev, sigma_b, m, count)
         self.moving_variance = np.maximum(self.moving_stddev**2 - self.eps, 0.0)
         return out[:4] + (r, d)
+
+
+# Cross-Iteration Batch Normalization: Yao et al. 2020 (arXiv 2002.05712),
+# equations (5)-(9): Taylor-compensated statistics of the last k steps.
+
+
+def patches(x, kernel_size, strides, padding, dilation):
+    """im2col of a channels-last N-d input: (N, *out, prod(k) * C_in).
+
+    'same' pads as TensorFlow does (the extra pixel after), 'causal' pads
+    only before.
+    """
+    x = np.asarray(x, np.float64)
+    rank = x.ndim - 2
+    pads = [(0, 0)]
+    for d in range(rank):
+        extent = (kernel_size[d] - 1) * dilation[d] + 1
+        size = x.shape[1 + d]
+        if padding == "same":
+            out = -(-size // strides[d])
+            total = max((out - 1) * strides[d] + extent - size, 0)
+            pads.append((total // 2, total - total // 2))
+        elif padding == "causal":
+            pads.append((extent - 1, 0))
+        else:
+            pads.append((0, 0))
+    pads.append((0, 0))
+    xp = np.pad(x, pads)
+    out_shape = [
+        (xp.shape[1 + d] - ((kernel_size[d] - 1) * dilation[d] + 1))
+        // strides[d]
+        + 1
+        for d in range(rank)
+    ]
+    cols = []
+    for offset in np.ndindex(*kernel_size):
+        index = [slice(None)]
+        for d in range(rank):
+            start = offset[d] * dilation[d]
+            stop = start + (out_shape[d] - 1) * strides[d] + 1
+            index.append(slice(start, stop, strides[d]))
+        cols.append(xp[tuple(index)])
+    # (N, *out, K, C_in) -> (N, *out, K * C_in), kernel-offset major, like
+    # a Keras kernel (*k, C_in, C_out) reshaped to (K * C_in, C_out).
+    return np.stack(cols, axis=-2).reshape(*xp.shape[:1], *out_shape, -1)
+
+
+class CBNReference:
+    """A cross-iteration batch normalization of a linear layer y = P @ W.
+
+    `P` are the input patches (rows of a Dense input, im2col for a conv),
+    `W` the kernel as a (D, C) matrix. Statistics, their derivatives and the
+    compensation follow the paper; gradients are central differences of the
+    float64 forward with the earlier steps' terms held constant.
+    """
+
+    def __init__(
+        self, channels, window_size, burnin_steps, compensation, eps, momentum
+    ):
+        self.k = window_size
+        self.burnin = burnin_steps
+        self.compensation = compensation
+        self.eps = eps
+        self.momentum = momentum
+        self.moving_mean = np.zeros(channels)
+        self.moving_variance = np.ones(channels)
+        self.buffer = []  # most recent first: (W, dmu, dnu, mu, nu)
+        self.step = 0
+
+    @staticmethod
+    def _current(P, W, w):
+        y = P @ W
+        n = w.sum()
+        safe = max(n, 1.0)
+        mu = (w[:, None] * y).sum(0) / safe
+        nu = (w[:, None] * y**2).sum(0) / safe
+        return y, mu, nu, n
+
+    def _past(self, W):
+        mus, nus = [], []
+        for Wp, dmu, dnu, mu, nu in self.buffer:
+            if self.compensation:
+                mu = mu + dmu @ (W - Wp)  # eq. (7) for the mean
+                nu = nu + (dnu * (W - Wp)).sum(0)  # and for nu
+            mus.append(mu)
+            nus.append(nu)
+        return mus, nus
+
+    def _forward(self, P, W, w, gamma, beta, past):
+        y, mu, nu, _ = self._current(P, W, w)
+        mus, nus, uses = past
+        total_mu, total_nu, count = mu.copy(), nu.copy(), np.ones_like(mu)
+        for m, v, use in zip(mus, nus, uses):
+            total_mu += use * m
+            total_nu += use * v
+            count += use
+        mean = total_mu / count  # eq. (8)
+        var = total_nu / count - mean**2  # eq. (9)
+        return gamma * (y - mean) / np.sqrt(var + self.eps) + beta
+
+    def train(self, x, to_patches, W, gamma, beta, dy, w=None, h=1e-6):
+        """One training step on input `x`, with `to_patches(x)` (M, D).
+
+        `W` is (D, C), `dy` (M, C), `w` the mask weights (M,). Returns the
+        outputs (M, C), dL/dx, dL/dW, dL/dgamma, dL/dbeta of
+        L = sum(dy * outputs), and the number of earlier steps used per
+        channel.
+        """
+        x = np.asarray(x, np.float64)
+        P = to_patches(x)
+        W = np.asarray(W, np.float64)
+        w = np.ones(len(P)) if w is None else np.asarray(w, np.float64)
+        mus, nus = self._past(W)
+        active = self.step >= self.burnin
+        uses = [
+            ((v - m**2) >= 0).astype(float) * active for m, v in zip(mus, nus)
+        ]
+        past = (mus, nus, uses)
+
+        def loss(x_, W_):
+            out_ = self._forward(to_patches(x_), W_, w, gamma, beta, past)
+            return (dy * out_).sum()
+
+        out = self._forward(P, W, w, gamma, beta, past)
+        dx, dW = np.zeros_like(x), np.zeros_like(W)
+        for grad, arr, which in ((dx, x, 0), (dW, W, 1)):
+            for idx in np.ndindex(*arr.shape):
+                plus, minus = arr.copy(), arr.copy()
+                plus[idx] += h
+                minus[idx] -= h
+                if which == 0:
+                    grad[idx] = loss(plus, W) - loss(minus, W)
+                else:
+                    grad[idx] = loss(x, plus) - loss(x, minus)
+        dx /= 2 * h
+        dW /= 2 * h
+        xhat = (out - beta) / gamma
+        dgamma = (dy * xhat).sum(0)
+        dbeta = dy.sum(0)
+
+        y, mu, nu, n = self._current(P, W, w)
+        var = (w[:, None] * (y - mu) ** 2).sum(0) / max(n, 1.0)
+        if n > 0:
+            m = self.momentum
+            self.moving_mean = self.moving_mean * m + mu * (1 - m)
+            self.moving_variance = self.moving_variance * m + var * (1 - m)
+        if self.k > 1 and active and n > 0:
+            dmu = (w[:, None] * P).sum(0) / n  # d mu / d W[:, c], any c
+            dnu = 2 * (w[:, None] * P).T @ y / n  # d nu / d W
+            self.buffer.insert(0, (W, dmu, dnu, mu, nu))
+            del self.buffer[self.k - 1 :]
+        self.step += 1
+        return out, dx, dW, dgamma, dbeta, sum(uses)

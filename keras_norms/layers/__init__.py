@@ -2,5 +2,15 @@
 
 from keras_norms.layers.batch_normalization import BatchNormalization
 from keras_norms.layers.batch_renormalization import BatchRenormalization
+from keras_norms.layers.cross_iteration_batch_normalization import (
+    CrossIterationBatchNormalization,
+)
 
-__all__ = ["BatchNormalization", "BatchRenormalization"]
+CBN = CrossIterationBatchNormalization
+
+__all__ = [
+    "BatchNormalization",
+    "BatchRenormalization",
+    "CBN",
+    "CrossIterationBatchNormalization",
+]

@@ -1,0 +1,160 @@
+"""The linear layers that CrossIterationBatchNormalization wraps.
+
+Private module, `keras.ops` only. For a wrapped `Dense` or `ConvND` with
+kernel W and output y = f(x; W), per output channel c over the reduction
+positions (M of them, or the unmasked ones):
+
+- mean:   mu_c = E[y_c],   d mu_c / d W[..., c] = E[patch]        (any c)
+- second: nu_c = E[y_c^2], d nu_c / d W[..., c] = 2 E[patch * y_c]
+
+where `patch` is the input window that meets W at an output position (the
+input row for Dense). Both derivatives are kernel gradients of the linear
+map, computed here from strided input windows: one matmul per kernel offset,
+which is the work of one kernel gradient.
+"""
+
+import itertools
+import math
+
+from keras import layers
+from keras import ops
+
+SUPPORTED = (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D)
+
+
+def check_supported(layer):
+    """Raises a ValueError saying why `layer` cannot be wrapped."""
+    unsupported = (
+        layers.Conv1DTranspose,
+        layers.Conv2DTranspose,
+        layers.Conv3DTranspose,
+        layers.DepthwiseConv1D,
+        layers.DepthwiseConv2D,
+        layers.SeparableConv1D,
+        layers.SeparableConv2D,
+    )
+    name = type(layer).__name__
+    if isinstance(layer, unsupported) or not isinstance(layer, SUPPORTED):
+        raise ValueError(
+            "CrossIterationBatchNormalization wraps a Dense, Conv1D, Conv2D "
+            f"or Conv3D layer. Received: layer={name}. For other layers, "
+            "use keras_norms.BatchNormalization or BatchRenormalization "
+            "after them."
+        )
+    activation = getattr(layer.activation, "__name__", "")
+    if activation != "linear":
+        raise ValueError(
+            "The wrapped layer must have no activation (normalization comes "
+            f"between the linear map and the non-linearity). Received: "
+            f"{name} with activation={activation!r}. Pass activation=None "
+            "and apply the activation after CrossIterationBatchNormalization."
+        )
+    if layer.use_bias:
+        raise ValueError(
+            "The wrapped layer's bias is redundant before normalization "
+            "(beta takes its role) and would break the Taylor compensation "
+            f"of the statistics. Received: {name} with use_bias=True. Pass "
+            "use_bias=False."
+        )
+    if getattr(layer, "groups", 1) != 1:
+        raise ValueError(
+            "Grouped convolutions are not supported. Received: "
+            f"{name} with groups={layer.groups}. Use groups=1, or put "
+            "keras_norms.BatchNormalization after the layer."
+        )
+    if getattr(layer, "lora_enabled", False) or getattr(
+        layer, "quantization_mode", None
+    ):
+        raise ValueError(
+            f"The wrapped {name} uses LoRA or quantization, whose kernel is "
+            "not a plain variable. Wrap the layer before enabling them."
+        )
+
+
+def is_dense(layer):
+    return isinstance(layer, layers.Dense)
+
+
+def channels_last(layer):
+    return is_dense(layer) or layer.data_format == "channels_last"
+
+
+def apply(layer, inputs, kernel):
+    """The wrapped layer's linear map with `kernel` (no bias, no activation)."""
+    if is_dense(layer):
+        return ops.matmul(inputs, kernel)
+    return layer.convolution_op(inputs, kernel)
+
+
+def statistic_gradients(layer, inputs, outputs, weights, count):
+    """d mu / d W and d nu / d W of every output channel (see module doc).
+
+    Args:
+        layer: The wrapped layer.
+        inputs, outputs: Its input and output (constants here).
+        weights: None, or the mask as float with the shape of `outputs`
+            without the channel axis (Dense only).
+        count: Number of reduction positions (a scalar tensor).
+
+    Returns:
+        `(dmu, dnu)`: `dmu` of the kernel's shape with 1 output channel
+        (it is the same for every channel), `dnu` of the kernel's shape.
+    """
+    if not channels_last(layer):
+        inputs = ops.moveaxis(inputs, 1, -1)
+        outputs = ops.moveaxis(outputs, 1, -1)
+    if weights is not None:
+        outputs = outputs * ops.expand_dims(weights, -1)
+        inputs = inputs * ops.expand_dims(weights, -1)
+    grad_y = 2.0 * outputs / count
+    if is_dense(layer):
+        x = ops.reshape(inputs, (-1, inputs.shape[-1]))
+        g = ops.reshape(grad_y, (-1, grad_y.shape[-1]))
+        dmu = ops.sum(x, axis=0, keepdims=True) / count
+        return ops.transpose(dmu), ops.matmul(ops.transpose(x), g)
+    return _conv_statistic_gradients(layer, inputs, grad_y, count)
+
+
+def _conv_statistic_gradients(layer, inputs, grad_y, count):
+    rank = len(layer.kernel_size)
+    padded = _pad(layer, inputs)
+    # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
+    padded_sum = ops.sum(padded, axis=0, keepdims=True)
+    out_shape = tuple(grad_y.shape[1:-1])
+    cin = inputs.shape[-1]
+    g = ops.reshape(grad_y, (-1, grad_y.shape[-1]))
+    dmu, dnu = [], []
+    for offset in itertools.product(*(range(k) for k in layer.kernel_size)):
+        index = [slice(None)]
+        for d in range(rank):
+            start = offset[d] * layer.dilation_rate[d]
+            stop = start + (out_shape[d] - 1) * layer.strides[d] + 1
+            index.append(slice(start, stop, layer.strides[d]))
+        index.append(slice(None))
+        window = padded[tuple(index)]
+        dnu.append(ops.matmul(ops.transpose(ops.reshape(window, (-1, cin))), g))
+        window_sum = padded_sum[tuple(index)]
+        dmu.append(ops.sum(ops.reshape(window_sum, (-1, cin)), axis=0) / count)
+    kshape = tuple(layer.kernel_size) + (cin,)
+    dnu = ops.reshape(ops.stack(dnu), kshape + (grad_y.shape[-1],))
+    dmu = ops.reshape(ops.stack(dmu), kshape + (1,))
+    return dmu, dnu
+
+
+def _pad(layer, inputs):
+    """Pads channels-last `inputs` the way the convolution did."""
+    padding = layer.padding
+    if padding == "valid":
+        return inputs
+    pads = [(0, 0)]
+    for d, size in enumerate(inputs.shape[1:-1]):
+        k, s = layer.kernel_size[d], layer.strides[d]
+        extent = (k - 1) * layer.dilation_rate[d] + 1
+        if padding == "causal":
+            pads.append((extent - 1, 0))
+            continue
+        out = math.ceil(size / s)
+        total = max((out - 1) * s + extent - size, 0)
+        pads.append((total // 2, total - total // 2))
+    pads.append((0, 0))
+    return ops.pad(inputs, pads)

@@ -1,0 +1,397 @@
+"""Cross-Iteration Batch Normalization (Yao et al., 2020)."""
+
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+from keras.layers import Layer
+from keras.layers import Wrapper
+from keras.saving import register_keras_serializable
+
+from keras_norms import _linear
+from keras_norms import _stats
+
+
+@register_keras_serializable(package="keras_norms")
+class CrossIterationBatchNormalization(Wrapper):
+    """Normalizes a linear layer's output with statistics of recent steps.
+
+    Cross-Iteration Batch Normalization (CBN, Yao et al., 2020) makes small
+    batches behave like larger ones: it averages the batch statistics of the
+    last `window_size` training steps. The statistics of an earlier step were
+    computed with earlier weights, so each is first brought to the current
+    weights by a first-order Taylor step. This needs the derivatives of the
+    statistics with respect to the weights, which is why CBN wraps the layer
+    that produces its input (a `Dense` or `ConvND` without bias or
+    activation), like `keras.layers.SpectralNormalization` does.
+
+    **During training**, for each output channel of `y = layer(x)` with
+    kernel `W_t`:
+
+    - the current step gives `mu_t = E[y]`, `nu_t = E[y^2]` (with gradients)
+      and their derivatives `dmu_t/dW`, `dnu_t/dW`;
+    - a step `t - tau` (tau = 1 .. window_size - 1) contributes
+      `mu_{t-tau} + dmu_{t-tau}/dW . (W_t - W_{t-tau})` and likewise for `nu`
+      (constants: no gradient flows through earlier steps);
+    - steps whose compensated variance `nu - mu^2` is negative for a channel
+      are left out of that channel's average (the current step never is);
+    - `y` is normalized by the average mean and by the average `nu` minus
+      the squared average mean, then scaled by `gamma` and shifted by `beta`.
+
+    The moving statistics for inference are updated from the current batch
+    alone, as in `BatchNormalization`, and **inference** is exactly batch
+    normalization with them. For the first `burnin_steps` training steps the
+    layer is plain batch normalization; statistics enter the buffer from
+    then on. `window_size=1` is batch normalization of the wrapped layer's
+    output; `compensation=False` averages the stale statistics as they are
+    (the paper's naive baseline).
+
+    The buffer (earlier kernels, statistics and their derivatives, the
+    number filled and the step count) is non-trainable layer state: it works
+    inside compiled train steps on every backend and is saved with the
+    model, so training resumes exactly. It holds
+    `(window_size - 1) * (2 |W| + |W| / C + 2 C)` floats.
+
+    The wrapped layer must have `use_bias=False` (`beta` takes the bias's
+    role; a bias would shift every past mean) and no activation (apply it
+    after this layer). Grouped, depthwise, separable and transposed
+    convolutions are not supported.
+
+    Args:
+        layer: A `keras.layers.Dense`, `Conv1D`, `Conv2D` or `Conv3D` with
+            `use_bias=False` and no activation. `Dense` accepts inputs of
+            rank 2 and more, e.g. `(batch, time, features)` with a
+            `(batch, time)` mask.
+        window_size: Number of steps averaged, the current one included
+            (`k` in the paper). `1` is batch normalization. Defaults to `4`.
+        burnin_steps: Training steps of plain batch normalization before
+            earlier steps are used. Defaults to `0`.
+        compensation: If `False`, earlier statistics are averaged without the
+            Taylor compensation. Defaults to `True`.
+        momentum: Momentum of the moving statistics, in [0, 1). Defaults to
+            `0.99`.
+        epsilon: Positive float added to the variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned scale `gamma`. Defaults to
+            `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        moving_mean_initializer: Defaults to `"zeros"`.
+        moving_variance_initializer: Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        synchronized: Must be `False`: cross-replica statistics are not
+            implemented for this layer yet.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        inputs: Input of the wrapped layer.
+        training: Python boolean or `None`. Training mode needs
+            `layer.trainable` too; a frozen layer runs in inference mode.
+        mask: `Dense` only: a boolean tensor with the shape of `inputs`
+            without the last axis; masked-out positions take no part in any
+            statistic or derivative.
+
+    Reference:
+
+    - [Yao et al., 2020](https://arxiv.org/abs/2002.05712).
+
+    Example:
+
+    >>> import keras
+    >>> import keras_norms
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 1)),
+    ...     keras_norms.CrossIterationBatchNormalization(
+    ...         keras.layers.Conv2D(16, 3, use_bias=False), window_size=4),
+    ...     keras.layers.ReLU(),
+    ...     keras.layers.Flatten(),
+    ...     keras.layers.Dense(10),
+    ... ])
+    """
+
+    def __init__(
+        self,
+        layer,
+        window_size=4,
+        burnin_steps=0,
+        compensation=True,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        synchronized=False,
+        **kwargs,
+    ):
+        if not isinstance(layer, Layer):
+            raise TypeError(
+                "Argument `layer` must be a Keras layer (Dense, Conv1D, "
+                f"Conv2D or Conv3D). Received: layer={layer!r}"
+            )
+        _linear.check_supported(layer)
+        super().__init__(layer, **kwargs)
+        self.window_size = _check_int("window_size", window_size, 1)
+        self.burnin_steps = _check_int("burnin_steps", burnin_steps, 0)
+        self.compensation = bool(compensation)
+        self.momentum = _stats.check_unit_interval("momentum", momentum)
+        self.epsilon = float(epsilon)
+        if not self.epsilon > 0.0:
+            raise ValueError(
+                f"Argument `epsilon` must be positive. Received: "
+                f"epsilon={epsilon}"
+            )
+        if synchronized:
+            raise ValueError(
+                "CrossIterationBatchNormalization does not compute "
+                "cross-replica statistics yet; pass synchronized=False. "
+                f"Received: synchronized={synchronized}"
+            )
+        self.synchronized = False
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer
+        )
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = _linear.is_dense(layer)
+        self.gamma = None
+        self.beta = None
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        output_shape = self.layer.compute_output_shape(input_shape)
+        ndim = len(output_shape)
+        channel_axis = ndim - 1 if _linear.channels_last(self.layer) else 1
+        if not _linear.is_dense(self.layer) and None in output_shape[1:]:
+            raise ValueError(
+                "CrossIterationBatchNormalization needs the spatial size of "
+                "a convolution's input to be known. Received: "
+                f"input_shape={input_shape}"
+            )
+        self._channel_axis = channel_axis
+        self._reduction_axes = _stats.reduction_axes((channel_axis,), ndim)
+        self._broadcast_shape = _stats.broadcast_shape(
+            output_shape, (channel_axis,)
+        )
+        channels = output_shape[channel_axis]
+        shape = (channels,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self._state(
+            shape, "moving_mean", self.moving_mean_initializer
+        )
+        self.moving_variance = self._state(
+            shape, "moving_variance", self.moving_variance_initializer
+        )
+        self.step = self._state((), "step", "zeros", dtype="int32")
+        past = self.window_size - 1
+        if past:
+            kernel_shape = tuple(self.layer.kernel.shape)
+            self.past_kernel = self._state(
+                (past,) + kernel_shape, "past_kernel"
+            )
+            self.past_dmu = self._state(
+                (past,) + kernel_shape[:-1] + (1,), "past_dmu"
+            )
+            self.past_dnu = self._state((past,) + kernel_shape, "past_dnu")
+            self.past_mu = self._state((past, channels), "past_mu")
+            self.past_nu = self._state((past, channels), "past_nu")
+            self.filled = self._state((), "filled", "zeros", dtype="int32")
+        self.built = True
+
+    def _state(self, shape, name, initializer="zeros", dtype=None):
+        return self.add_weight(
+            shape=shape,
+            name=name,
+            initializer=initializer,
+            dtype=dtype,
+            trainable=False,
+            autocast=False,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask if self.supports_masking else None
+
+    def call(self, inputs, training=None, mask=None):
+        dtype = _stats.compute_dtype_for(inputs)
+        inputs = ops.cast(inputs, dtype)
+        kernel = ops.cast(self.layer.kernel, dtype)
+        outputs = _linear.apply(self.layer, inputs, kernel)
+        if mask is not None:
+            if not self.supports_masking:
+                raise ValueError(
+                    "Argument `mask` is only supported when the wrapped "
+                    "layer is a Dense layer."
+                )
+            _stats.check_mask(mask, outputs, (self._channel_axis,))
+        gamma = ops.cast(self.gamma, dtype) if self.scale else None
+        beta = ops.cast(self.beta, dtype) if self.center else None
+        if training and self.trainable:
+            mean, variance = self._training_statistics(
+                inputs, outputs, kernel, mask
+            )
+        else:
+            mean = ops.cast(self.moving_mean, dtype)
+            variance = ops.cast(self.moving_variance, dtype)
+        outputs = _stats.normalize(
+            outputs,
+            mean,
+            variance,
+            gamma,
+            beta,
+            self.epsilon,
+            self._broadcast_shape,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _training_statistics(self, inputs, outputs, kernel, mask):
+        """The cross-iteration mean and variance; updates all state."""
+        mean, variance, count = _stats.moments(
+            outputs, self._reduction_axes, mask
+        )
+        _stats.moving_average(self.moving_mean, mean, self.momentum, count)
+        _stats.moving_average(
+            self.moving_variance, variance, self.momentum, count
+        )
+        step = ops.copy(self.step.value)  # a snapshot, before the increment
+        self.step.assign_add(ops.cast(1, "int32"))
+        if self.window_size == 1:
+            return mean, variance
+
+        # Earlier steps, brought to the current kernel (constants).
+        dtype = mean.dtype
+        past_mu = ops.cast(self.past_mu, dtype)
+        past_nu = ops.cast(self.past_nu, dtype)
+        if self.compensation:
+            delta = ops.stop_gradient(kernel) - ops.cast(
+                self.past_kernel, dtype
+            )
+            kernel_axes = tuple(range(1, len(delta.shape) - 1))
+            dmu = ops.cast(self.past_dmu, dtype)
+            dnu = ops.cast(self.past_dnu, dtype)
+            past_mu = past_mu + ops.sum(dmu * delta, axis=kernel_axes)
+            past_nu = past_nu + ops.sum(dnu * delta, axis=kernel_axes)
+        past_var = past_nu - ops.square(past_mu)
+        filled = ops.arange(self.window_size - 1) < self.filled
+        use = ops.logical_and(filled[:, None], past_var >= 0)
+        use = ops.logical_and(use, step >= self.burnin_steps)
+        use = ops.cast(use, dtype)
+
+        # Average of means; variance = mean of variances + variance of means
+        # (= average nu - average mean ** 2, without its cancellation).
+        n = 1.0 + ops.sum(use, axis=0)
+        avg_mean = (mean + ops.sum(use * past_mu, axis=0)) / n
+        spread = ops.square(mean - avg_mean) + ops.sum(
+            use * ops.square(past_mu - avg_mean), axis=0
+        )
+        avg_var = (variance + ops.sum(use * past_var, axis=0) + spread) / n
+
+        self._push(inputs, outputs, kernel, mask, mean, variance, count, step)
+        return avg_mean, avg_var
+
+    def _push(self, inputs, outputs, kernel, mask, mean, variance, count, step):
+        """Stores this step's statistics and derivatives in the buffer."""
+        weights = None
+        if mask is not None:
+            weights = ops.cast(mask, outputs.dtype)
+        else:
+            count = ops.cast(
+                ops.size(outputs) // outputs.shape[self._channel_axis],
+                outputs.dtype,
+            )
+        safe_count = ops.maximum(count, 1.0)
+        dmu, dnu = _linear.statistic_gradients(
+            self.layer,
+            ops.stop_gradient(inputs),
+            ops.stop_gradient(outputs),
+            weights,
+            safe_count,
+        )
+        push = ops.logical_and(step >= self.burnin_steps, count > 0)
+        values = (
+            (self.past_kernel, ops.stop_gradient(kernel)),
+            (self.past_dmu, dmu),
+            (self.past_dnu, dnu),
+            (self.past_mu, ops.stop_gradient(mean)),
+            (self.past_nu, ops.stop_gradient(variance + ops.square(mean))),
+        )
+        for buffer, value in values:
+            old = buffer.value
+            new = ops.concatenate(
+                [ops.cast(value, buffer.dtype)[None], old[:-1]], axis=0
+            )
+            buffer.assign(ops.where(push, new, old))
+        filled = ops.minimum(self.filled + 1, self.window_size - 1)
+        self.filled.assign(ops.where(push, filled, self.filled.value))
+
+    def get_config(self):
+        config = {
+            "window_size": self.window_size,
+            "burnin_steps": self.burnin_steps,
+            "compensation": self.compensation,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+        }
+        return {**super().get_config(), **config}
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(
+            f"Argument `{name}` must be an int >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
