@@ -83,7 +83,22 @@ def apply(layer, inputs, kernel):
     """The wrapped layer's linear map with `kernel` (no bias, no activation)."""
     if is_dense(layer):
         return ops.matmul(inputs, kernel)
-    return layer.convolution_op(inputs, kernel)
+    padding = layer.padding
+    if padding == "causal":  # Conv1D: pad the past, as Conv1D.call does
+        extent = (layer.kernel_size[0] - 1) * layer.dilation_rate[0]
+        pads = [(0, 0), (extent, 0), (0, 0)]
+        if not channels_last(layer):
+            pads = [(0, 0), (0, 0), (extent, 0)]
+        inputs = ops.pad(inputs, pads)
+        padding = "valid"
+    return ops.conv(
+        inputs,
+        kernel,
+        strides=layer.strides,
+        padding=padding,
+        data_format=layer.data_format,
+        dilation_rate=layer.dilation_rate,
+    )
 
 
 def statistic_gradients(layer, inputs, outputs, weights, count):

@@ -1,5 +1,7 @@
 """`.keras` round trips: a new process needs only `import keras_norms`."""
 
+import ast
+
 import keras
 import numpy as np
 import pytest
@@ -17,6 +19,11 @@ def _sequential():
             keras.layers.Dense(8, use_bias=False),
             keras_norms.BatchRenormalization(rmax=2.0, dmax=1.0),
             keras.layers.ReLU(),
+            keras_norms.CBN(
+                keras.layers.Conv1D(8, 3, padding="same", use_bias=False),
+                window_size=3,
+            ),
+            keras.layers.ReLU(),
             keras.layers.Dense(8, use_bias=False),
             keras_norms.BatchNormalization(axis=[1, 2]),
             keras.layers.GlobalAveragePooling1D(),
@@ -30,6 +37,7 @@ def _functional():
     h = keras.layers.Embedding(20, 5, mask_zero=True)(tokens)
     h = keras.layers.LSTM(8, return_sequences=True)(h)
     h = keras_norms.BatchRenormalization(renorm_momentum=0.9)(h)
+    h = keras_norms.CBN(keras.layers.Dense(8, use_bias=False))(h)
     h = keras.layers.LSTM(8)(h)
     h = keras_norms.BatchNormalization(momentum=0.9)(h)
     return keras.Model(tokens, keras.layers.Dense(3)(h))
@@ -74,10 +82,15 @@ def test_loads_in_a_new_process_and_predicts_the_same(kind, tmp_path):
         "import keras_norms\n"
         "m = keras.saving.load_model('m.keras')\n"
         "np.save('got.npy', m.predict(np.load('x.npy'), verbose=0))\n"
-        "print(sorted({type(l).__name__ for l in m.layers}))\n",
+        "print(sorted(type(l).__name__ for l in m._flatten_layers()))\n",
         cwd=tmp_path,
     )
-    assert "BatchRenormalization" in out and "BatchNormalization" in out
+    loaded = set(ast.literal_eval(out.strip().splitlines()[-1]))
+    assert {
+        "BatchNormalization",
+        "BatchRenormalization",
+        "CrossIterationBatchNormalization",
+    } <= loaded
     np.testing.assert_allclose(
         np.load(tmp_path / "got.npy"),
         np.load(tmp_path / "expected.npy"),

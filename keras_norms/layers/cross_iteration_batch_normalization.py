@@ -387,6 +387,11 @@ class CrossIterationBatchNormalization(Wrapper):
         }
         return {**super().get_config(), **config}
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Wrapper.from_config pops "layer" from the dict it is given.
+        return super().from_config(dict(config), custom_objects)
+
 
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or int(value) != value or value < minimum:

@@ -5,6 +5,8 @@ import pytest
 import keras_norms
 from tests import references
 from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_config_round_trip
+from tests.helpers import assert_trains_alike
 from tests.helpers import random_mask
 from tests.helpers import to_numpy
 from tests.helpers import train_call
@@ -121,3 +123,251 @@ def test_matches_paper_reference(case, window_size, burnin, compensation):
         )
     # Earlier steps did enter the statistics.
     assert used > 0
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (
+            lambda: keras.layers.Conv1D(
+                3, 3, padding="causal", dilation_rate=2, use_bias=False
+            ),
+            (2, 9, 2),
+        ),
+        (
+            lambda: keras.layers.Conv3D(
+                2, 2, strides=2, padding="same", use_bias=False
+            ),
+            (2, 3, 4, 4, 2),
+        ),
+    ],
+    ids=["conv1d_causal_dilated", "conv3d_same_s2"],
+)
+def test_other_convolutions_match_reference(make, shape):
+    inner = make()
+    layer = keras_norms.CBN(inner, window_size=3, momentum=0.8, epsilon=EPS)
+    layer.build(shape)
+    rng = np.random.default_rng(1)
+    kernel = to_numpy(inner.kernel).astype(np.float64)
+    channels = kernel.shape[-1]
+    ref = references.CBNReference(channels, 3, 0, True, EPS, 0.8)
+    for step in range(4):
+        kernel = kernel + 0.2 * rng.normal(size=kernel.shape)
+        inner.kernel.assign(kernel)
+        x = rng.normal(0.3 * step, 1.0, size=shape).astype("float32")
+        dy = rng.normal(size=layer.compute_output_shape(shape))
+        y, dx, grads = train_call(layer, x, dy, None)
+        ry, rdx, rdw, _, _, _ = ref.train(
+            x.astype(np.float64),
+            _to_patches(inner),
+            kernel.reshape(-1, channels),
+            np.ones(channels),
+            np.zeros(channels),
+            dy.reshape(-1, channels),
+        )
+        assert_close_to_reference(y.reshape(-1, channels), ry, "outputs")
+        assert_close_to_reference(dx, rdx, "input gradient")
+        assert_close_to_reference(
+            grads["kernel"].reshape(-1, channels), rdw, "kernel gradient"
+        )
+
+
+def test_channels_first_equals_channels_last():
+    rng = np.random.default_rng(0)
+    last = keras_norms.CBN(
+        keras.layers.Conv2D(3, 3, strides=2, padding="same", use_bias=False),
+        window_size=3,
+    )
+    first = keras_norms.CBN(
+        keras.layers.Conv2D(
+            3,
+            3,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            data_format="channels_first",
+        ),
+        window_size=3,
+    )
+    last.build((2, 6, 6, 2))
+    first.build((2, 2, 6, 6))
+    for step in range(4):
+        kernel = rng.normal(size=(3, 3, 2, 3))
+        last.layer.kernel.assign(kernel)
+        first.layer.kernel.assign(kernel)
+        x = rng.normal(size=(2, 6, 6, 2)).astype("float32")
+        dy = rng.normal(size=(2, 3, 3, 3)).astype("float32")
+        y1, dx1, g1 = train_call(last, x, dy)
+        y2, dx2, g2 = train_call(
+            first, x.transpose(0, 3, 1, 2), dy.transpose(0, 3, 1, 2)
+        )
+        assert_close_to_reference(y2.transpose(0, 2, 3, 1), y1, "outputs")
+        assert_close_to_reference(dx2.transpose(0, 2, 3, 1), dx1, "dx")
+        for name in g1:
+            assert_close_to_reference(g2[name], g1[name], name)
+        np.testing.assert_allclose(
+            to_numpy(first.moving_variance),
+            to_numpy(last.moving_variance),
+            rtol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_window_size_one_trains_like_batch_normalization(masked):
+    shape = (4, 6, 5)
+    cbn = keras_norms.CBN(keras.layers.Dense(3, use_bias=False), window_size=1)
+    dense = keras.layers.Dense(3, use_bias=False)
+    bn = keras_norms.BatchNormalization()
+    cbn.build(shape)
+    dense.build(shape)
+    dense.kernel.assign(to_numpy(cbn.layer.kernel))
+
+    bn.build(shape[:-1] + (3,))
+
+    class DenseThenBN(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.bn = dense, bn
+            self.supports_masking = True
+
+        def build(self, input_shape):
+            pass  # both parts are built above
+
+        def call(self, x, training=None, mask=None):
+            return self.bn(self.dense(x), training=training, mask=mask)
+
+    pair = DenseThenBN()
+    rng = np.random.default_rng(0)
+    mask = random_mask(shape, (2,)) if masked else None
+    batches = [
+        (
+            rng.normal(step, 1.0 + step, size=shape).astype("float32"),
+            rng.normal(size=shape[:-1] + (3,)).astype("float32"),
+        )
+        for step in range(4)
+    ]
+    assert_trains_alike(cbn, pair, batches, mask, ())
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(
+            to_numpy(getattr(cbn, name)), to_numpy(getattr(bn, name)), 1e-5
+        )
+    # Only the step counter: no buffer for a window of one.
+    assert [w.name for w in cbn.non_trainable_weights] == [
+        "moving_mean",
+        "moving_variance",
+        "step",
+    ]
+
+
+def test_inference_is_batch_normalization_with_moving_statistics():
+    rng = np.random.default_rng(0)
+    layer = keras_norms.CBN(keras.layers.Dense(3, use_bias=False), momentum=0.5)
+    x = rng.normal(2.0, 3.0, size=(16, 4)).astype("float32")
+    for _ in range(3):
+        layer(x, training=True)
+    y = to_numpy(layer.layer(x))
+    expected = references.normalize_inference(
+        y,
+        (1,),
+        to_numpy(layer.moving_mean),
+        to_numpy(layer.moving_variance),
+        to_numpy(layer.gamma),
+        to_numpy(layer.beta),
+        1e-3,
+    )
+    assert_close_to_reference(to_numpy(layer(x)), expected, "inference")
+    step = int(to_numpy(layer.step))
+    layer.trainable = False
+    assert_close_to_reference(
+        to_numpy(layer(x, training=True)), expected, "frozen"
+    )
+    assert int(to_numpy(layer.step)) == step
+
+
+def test_all_masked_batch_changes_no_statistic():
+    shape = (2, 5, 3)
+    rng = np.random.default_rng(0)
+    layer = keras_norms.CBN(keras.layers.Dense(2, use_bias=False))
+    x = rng.normal(size=shape).astype("float32")
+    train_call(layer, x, np.ones((2, 5, 2)))
+    before = {w.name: to_numpy(w) for w in layer.non_trainable_weights}
+    y, dx, grads = train_call(
+        layer, x, np.ones((2, 5, 2)), np.zeros(shape[:2], bool)
+    )
+    for w in layer.non_trainable_weights:
+        if w.name != "step":
+            np.testing.assert_array_equal(to_numpy(w), before[w.name], w.name)
+    for value in [y, dx, *grads.values()]:
+        assert np.all(np.isfinite(value))
+
+
+def test_buffer_memory_bound():
+    window = 4
+    layer = keras_norms.CBN(
+        keras.layers.Conv2D(64, 3, use_bias=False), window_size=window
+    )
+    layer.build((None, 32, 32, 64))
+    kernel = int(np.prod(layer.layer.kernel.shape))
+    buffer = sum(
+        int(np.prod(w.shape))
+        for w in layer.non_trainable_weights
+        if w.name.startswith("past_")
+    )
+    assert buffer <= window * (3 * kernel + 2 * 64)
+
+
+def test_config_round_trip():
+    layer = keras_norms.CBN(
+        keras.layers.Conv2D(4, 3, use_bias=False, name="conv"),
+        window_size=5,
+        burnin_steps=100,
+        compensation=False,
+        momentum=0.9,
+        gamma_regularizer="l2",
+        name="cbn",
+    )
+    assert_config_round_trip(layer)
+    assert keras_norms.CBN is keras_norms.CrossIterationBatchNormalization
+
+
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda: keras.layers.LSTM(3), "Dense, Conv1D, Conv2D or Conv3D"),
+        (lambda: keras.layers.DepthwiseConv2D(3), "Conv3D"),
+        (lambda: keras.layers.Conv2DTranspose(3, 3), "Conv3D"),
+        (
+            lambda: keras.layers.Dense(3, use_bias=False, activation="relu"),
+            "activation",
+        ),
+        (lambda: keras.layers.Dense(3), "use_bias=False"),
+        (lambda: keras.layers.Conv2D(4, 3, groups=2, use_bias=False), "groups"),
+    ],
+)
+def test_refuses_unsupported_layers(make, needle):
+    with pytest.raises(ValueError, match=needle):
+        keras_norms.CBN(make())
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        (dict(window_size=0), ValueError, "window_size"),
+        (dict(window_size=2.5), ValueError, "window_size"),
+        (dict(burnin_steps=-1), ValueError, "burnin_steps"),
+        (dict(momentum=1.0), ValueError, "momentum"),
+        (dict(epsilon=0.0), ValueError, "epsilon"),
+        (dict(synchronized=True), ValueError, "synchronized"),
+    ],
+)
+def test_bad_arguments(kwargs, error, needle):
+    with pytest.raises(error, match=needle):
+        keras_norms.CBN(keras.layers.Dense(2, use_bias=False), **kwargs)
+    with pytest.raises(TypeError, match="layer"):
+        keras_norms.CBN("dense")
+
+
+def test_mask_of_wrong_shape():
+    layer = keras_norms.CBN(keras.layers.Dense(2, use_bias=False))
+    with pytest.raises(ValueError, match="mask"):
+        layer(np.ones((2, 3, 4), "float32"), mask=np.ones((2, 4), bool))
