@@ -16,6 +16,7 @@ which is the work of one kernel gradient.
 import itertools
 import math
 
+from keras import backend
 from keras import layers
 from keras import ops
 
@@ -131,6 +132,13 @@ def statistic_gradients(layer, inputs, outputs, weights, count):
 
 
 def _conv_statistic_gradients(layer, inputs, grad_y, count):
+    if backend.backend() == "tensorflow":
+        return _tf_conv_statistic_gradients(layer, inputs, grad_y, count)
+    return _generic_conv_statistic_gradients(layer, inputs, grad_y, count)
+
+
+def _generic_conv_statistic_gradients(layer, inputs, grad_y, count):
+    """One matmul per kernel offset over strided input windows."""
     rank = len(layer.kernel_size)
     padded = _pad(layer, inputs)
     # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
@@ -173,3 +181,49 @@ def _pad(layer, inputs):
         pads.append((total // 2, total - total // 2))
     pads.append((0, 0))
     return ops.pad(inputs, pads)
+
+
+def _tf_conv_statistic_gradients(layer, inputs, grad_y, count):
+    """Fast path: TensorFlow's own kernel-gradient op (channels last)."""
+    import tensorflow as tf
+
+    rank = len(layer.kernel_size)
+    kernel_size = list(layer.kernel_size)
+    strides = list(layer.strides)
+    dilations = list(layer.dilation_rate)
+    padding = layer.padding.upper()
+    if padding == "CAUSAL":
+        inputs = _pad(layer, inputs)
+        padding = "VALID"
+    if rank == 1:  # as a 2-D convolution of height 1
+        inputs, grad_y = inputs[:, None], grad_y[:, None]
+        kernel_size, strides, dilations = (
+            [1] + kernel_size,
+            [1] + strides,
+            [1] + dilations,
+        )
+    backprop = (
+        tf.compat.v1.nn.conv2d_backprop_filter
+        if len(kernel_size) == 2
+        else tf.compat.v1.nn.conv3d_backprop_filter_v2
+    )
+    cin = inputs.shape[-1]
+
+    def kernel_gradient(x, g):
+        return backprop(
+            x,
+            kernel_size + [cin, g.shape[-1]],
+            g,
+            strides=[1] + strides + [1],
+            padding=padding,
+            dilations=[1] + dilations + [1],
+        )
+
+    dnu = kernel_gradient(inputs, grad_y)
+    # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
+    x_sum = tf.reduce_sum(inputs, axis=0, keepdims=True)
+    ones = tf.ones_like(grad_y[:1, ..., :1]) / count
+    dmu = kernel_gradient(x_sum, ones)
+    if rank == 1:
+        dnu, dmu = dnu[0], dmu[0]
+    return dmu, dnu
