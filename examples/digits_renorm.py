@@ -12,65 +12,14 @@ back and checks that it evaluates identically.
 import argparse
 import os
 import tempfile
-import time
 
 import keras
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from digits_common import load_data
+from digits_common import steps_of
+from digits_common import train
 
 import keras_norms
-
-
-def load_data(seed):
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    y = digits.target.astype("int32")
-    return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
-
-
-def make_model(norm):
-    """A small CNN; `norm()` makes each normalization layer."""
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(16, 3, padding="same", use_bias=False),
-            norm(),
-            keras.layers.ReLU(),
-            keras.layers.Conv2D(32, 3, padding="same", use_bias=False),
-            norm(),
-            keras.layers.ReLU(),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(64, use_bias=False),
-            norm(),
-            keras.layers.ReLU(),
-            keras.layers.Dense(10),
-        ]
-    )
-
-
-def train(norm, data, args, callbacks=()):
-    x_train, x_test, y_train, y_test = data
-    keras.utils.set_random_seed(args.seed)
-    model = make_model(norm)
-    model.compile(
-        optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    start = time.perf_counter()
-    history = model.fit(
-        x_train,
-        y_train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        verbose=0,
-        callbacks=list(callbacks),
-    )
-    seconds = time.perf_counter() - start
-    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    return model, accuracy, seconds, history
 
 
 def main():
@@ -82,7 +31,7 @@ def main():
     args = parser.parse_args()
 
     data = load_data(args.seed)
-    steps = args.epochs * -(-len(data[0]) // args.batch_size)
+    steps = steps_of(data, args)
     print(
         f"digits: {len(data[0])} train / {len(data[1])} test images, "
         f"batch size {args.batch_size}, {steps} steps, backend "
@@ -90,7 +39,7 @@ def main():
     )
 
     _, bn_accuracy, bn_seconds, _ = train(
-        keras_norms.BatchNormalization, data, args
+        lambda linear: [linear, keras_norms.BatchNormalization()], data, args
     )
     # The paper's schedule, scaled from its 40k-step ramp to this run:
     # rmax 1 -> 3 over steps [5%, 50%], dmax 0 -> 5 over [5%, 30%].
@@ -101,7 +50,10 @@ def main():
         dmax_steps=(steps // 20, (3 * steps) // 10),
     )
     model, brn_accuracy, brn_seconds, history = train(
-        keras_norms.BatchRenormalization, data, args, callbacks=[warmup]
+        lambda linear: [linear, keras_norms.BatchRenormalization()],
+        data,
+        args,
+        callbacks=[warmup],
     )
     print(
         f"BatchNormalization    test accuracy {bn_accuracy:.4f}  "

@@ -28,3 +28,29 @@ def test_digits_renorm_example_runs_and_reloads():
     # One epoch on digits already beats chance (0.1) by far.
     assert all(float(a) > 0.5 for a in accuracies), result.stdout
     assert "identical predictions: True" in result.stdout
+
+
+def test_digits_cbn_example_runs():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "digits_cbn.py"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--window",
+            "3",
+            "--burnin-fraction",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracies = re.findall(r"test accuracy (\d\.\d+)", result.stdout)
+    assert len(accuracies) == 2, result.stdout
+    assert "CBN(window_size=3, burnin_steps=101)" in result.stdout
+    # 337 steps of batch size 4: both learn, far above chance (0.1).
+    assert all(float(a) > 0.3 for a in accuracies), result.stdout
