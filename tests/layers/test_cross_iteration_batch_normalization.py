@@ -52,18 +52,21 @@ def _to_patches(layer):
 
 
 @pytest.mark.parametrize(
-    "case,window_size,burnin,compensation",
+    "case,window_size,burnin,compensation,jump",
     [
-        ("dense", 4, 2, True),
-        ("dense_seq_mask", 3, 1, True),
-        ("conv_same_s1", 4, 2, True),
-        ("conv_same_s2", 4, 0, True),
-        ("conv_valid_s1", 3, 1, True),
-        ("conv_valid_s2", 4, 2, True),
-        ("conv_same_s1", 4, 0, False),
+        ("dense", 4, 2, True, 0.2),
+        ("dense_seq_mask", 3, 1, True, 0.2),
+        ("conv_same_s1", 4, 2, True, 0.2),
+        ("conv_same_s2", 4, 0, True, 0.2),
+        ("conv_valid_s1", 3, 1, True, 0.2),
+        ("conv_valid_s2", 4, 2, True, 0.2),
+        ("conv_same_s1", 4, 0, False, 0.2),
+        # Weight jumps large enough that compensated variances turn
+        # negative and those steps leave the average for that channel.
+        ("dense", 4, 0, True, 3.0),
     ],
 )
-def test_matches_paper_reference(case, window_size, burnin, compensation):
+def test_matches_paper_reference(case, window_size, burnin, compensation, jump):
     make, shape = CASES[case]
     inner = make()
     layer = keras_norms.CrossIterationBatchNormalization(
@@ -86,10 +89,10 @@ def test_matches_paper_reference(case, window_size, burnin, compensation):
     layer.gamma.assign(gamma)
     layer.beta.assign(beta)
     mask = random_mask(shape, (len(shape) - 1,)) if "mask" in case else None
-    used = 0
+    used = available = 0
     for step in range(STEPS):
         # The weights move every step, as in training.
-        kernel = kernel + 0.2 * rng.normal(size=kernel.shape)
+        kernel = kernel + jump * rng.normal(size=kernel.shape)
         inner.kernel.assign(kernel)
         x = rng.normal(0.5 * step, 1.0 + 0.2 * step, size=shape)
         x = x.astype("float32")
@@ -105,6 +108,8 @@ def test_matches_paper_reference(case, window_size, burnin, compensation):
             None if mask is None else mask.reshape(-1),
         )
         used += int(np.sum(uses))
+        if step >= burnin:
+            available += min(step - burnin, window_size - 1) * channels
         what = f"step {step}"
         assert_close_to_reference(y.reshape(-1, channels), ry, f"out {what}")
         assert_close_to_reference(dx, rdx, f"input gradient, {what}")
@@ -121,8 +126,12 @@ def test_matches_paper_reference(case, window_size, burnin, compensation):
             ref.moving_variance,
             f"variance, {what}",
         )
-    # Earlier steps did enter the statistics.
-    assert used > 0
+    # Earlier steps entered the statistics; uncompensated ones always do.
+    assert 0 < used <= available
+    if not compensation:
+        assert used == available
+    if jump > 1.0:
+        assert used < available
 
 
 @pytest.mark.parametrize(
