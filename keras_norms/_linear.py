@@ -120,8 +120,10 @@ def statistic_gradients(layer, inputs, outputs, weights, count):
         inputs = ops.moveaxis(inputs, 1, -1)
         outputs = ops.moveaxis(outputs, 1, -1)
     if weights is not None:
-        outputs = outputs * ops.expand_dims(weights, -1)
-        inputs = inputs * ops.expand_dims(weights, -1)
+        # `where`, not a product with the mask: padding may hold inf or NaN.
+        keep = ops.expand_dims(ops.cast(weights, "bool"), -1)
+        outputs = ops.where(keep, outputs, 0.0)
+        inputs = ops.where(keep, inputs, 0.0)
     grad_y = 2.0 * outputs / count
     if is_dense(layer):
         x = ops.reshape(inputs, (-1, inputs.shape[-1]))

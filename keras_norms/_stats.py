@@ -145,14 +145,15 @@ def moments(inputs, axes, mask=None, synchronized=False):
         return ops.squeeze(mean, axis=axes), variance, None
     ndim = len(inputs.shape)
     feature_axes = tuple(a for a in range(ndim) if a not in axes)
-    weights = _expand_mask(mask, feature_axes, inputs.dtype)
-    weighted = inputs * weights
-    count = ops.sum(weights)
+    keep = _expand_mask(mask, feature_axes, "bool")
+    # `where`, not a product with the mask: padding may hold inf or NaN.
+    weighted = ops.where(keep, inputs, 0.0)
+    count = ops.sum(ops.cast(keep, inputs.dtype))
     if synchronized:
         total, total_sq, count = _all_reduce_sum(
             [
                 ops.sum(weighted, axis=axes),
-                ops.sum(weighted * inputs, axis=axes),
+                ops.sum(ops.square(weighted), axis=axes),
                 count,
             ]
         )
@@ -162,7 +163,7 @@ def moments(inputs, axes, mask=None, synchronized=False):
         return mean, variance, count
     safe = ops.maximum(count, 1.0)
     mean = ops.sum(weighted, axis=axes, keepdims=True) / safe
-    centered = (inputs - mean) * weights
+    centered = ops.where(keep, inputs - mean, 0.0)
     variance = ops.sum(ops.square(centered), axis=axes) / safe
     return ops.squeeze(mean, axis=axes), variance, count
 
