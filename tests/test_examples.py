@@ -54,3 +54,31 @@ def test_digits_cbn_example_runs():
     assert "CBN(window_size=3, burnin_steps=101)" in result.stdout
     # 337 steps of batch size 4: both learn, far above chance (0.1).
     assert all(float(a) > 0.3 for a in accuracies), result.stdout
+
+
+def test_digits_sequences_example_runs():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "digits_sequences.py"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--units",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = re.findall(r"(.+?)\s+test accuracy (\d\.\d+)", result.stdout)
+    names = [name.strip() for name, _ in lines]
+    assert names == [
+        "no normalization",
+        "BatchNormalization",
+        "BatchRenormalization",
+        "CBN(Dense, k=4)",
+    ], result.stdout
+    assert all(0.0 <= float(a) <= 1.0 for _, a in lines)
