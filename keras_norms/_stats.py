@@ -201,3 +201,66 @@ def normalize(inputs, mean, variance, scale, offset, epsilon, shape):
 def compute_dtype_for(inputs):
     """float32 for float16/bfloat16/float32 inputs; float64 stays float64."""
     return backend.result_type(inputs.dtype, "float32")
+
+
+def compose(r, d, scale, offset):
+    """Folds the renormalization `x_hat * r + d` into scale and offset:
+    `gamma * (x_hat * r + d) + beta = x_hat * (gamma * r) + (gamma * d +
+    beta)`."""
+    new_scale = r if scale is None else scale * r
+    new_offset = d if scale is None else scale * d
+    if offset is not None:
+        new_offset = new_offset + offset
+    return new_scale, new_offset
+
+
+def correct(outputs, r, d, scale, offset, shape):
+    """Applies `x_hat -> x_hat * r + d` to `outputs = scale * x_hat +
+    offset` (the output of a fused batch norm)."""
+    _, shift = compose(r, d, scale, offset)
+    if offset is not None:
+        outputs = outputs - ops.reshape(offset, shape)
+    return outputs * ops.reshape(r, shape) + ops.reshape(shift, shape)
+
+
+_FUSED_FORMATS = {4: "NHWC", 5: "NDHWC"}
+
+
+def can_fuse(inputs, feature_axes, synchronized):
+    """Whether TensorFlow's fused batch-norm kernel applies: TensorFlow
+    backend, one feature axis that is the last of a rank-4/5 float32
+    input, no cross-replica statistics."""
+    ndim = len(inputs.shape)
+    return (
+        backend.backend() == "tensorflow"
+        and not synchronized
+        and ndim in _FUSED_FORMATS
+        and feature_axes == (ndim - 1,)
+        and backend.standardize_dtype(inputs.dtype) == "float32"
+    )
+
+
+def fused_batch_norm(inputs, scale, offset, epsilon):
+    """Training-mode `tf.compat.v1.nn.fused_batch_norm` (channels last).
+
+    Returns `(outputs, mean, variance)` with the biased batch variance, like
+    `moments` (the kernel reports the Bessel-corrected one).
+    """
+    import tensorflow as tf
+
+    channels = inputs.shape[-1]
+    if scale is None:
+        scale = tf.ones((channels,), inputs.dtype)
+    if offset is None:
+        offset = tf.zeros((channels,), inputs.dtype)
+    outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        inputs,
+        scale,
+        offset,
+        epsilon=epsilon,
+        data_format=_FUSED_FORMATS[len(inputs.shape)],
+        is_training=True,
+    )
+    n = tf.cast(tf.size(inputs) // channels, variance.dtype)
+    variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
+    return outputs, mean, variance

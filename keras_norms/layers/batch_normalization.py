@@ -225,14 +225,7 @@ class BatchNormalization(Layer):
         dtype = inputs.dtype
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
-        if training and self.trainable:
-            mean, variance, count = _stats.moments(
-                inputs, self._reduction_axes, mask, self.synchronized
-            )
-            outputs = self.normalize_training(
-                inputs, mean, variance, count, gamma, beta
-            )
-        else:
+        if not (training and self.trainable):
             outputs = _stats.normalize(
                 inputs,
                 ops.cast(self.moving_mean, dtype),
@@ -242,26 +235,50 @@ class BatchNormalization(Layer):
                 self.epsilon,
                 self._broadcast_shape,
             )
+        elif mask is None and _stats.can_fuse(
+            inputs, self._feature_axes, self.synchronized
+        ):
+            # TensorFlow's fused kernel: one pass for the moments and the
+            # normalization, and a fused gradient.
+            outputs, mean, variance = _stats.fused_batch_norm(
+                inputs, gamma, beta, self.epsilon
+            )
+            correction = self.update_statistics(mean, variance, None)
+            if correction is not None:
+                outputs = _stats.correct(
+                    outputs, *correction, gamma, beta, self._broadcast_shape
+                )
+        else:
+            mean, variance, count = _stats.moments(
+                inputs, self._reduction_axes, mask, self.synchronized
+            )
+            correction = self.update_statistics(mean, variance, count)
+            if correction is not None:
+                gamma, beta = _stats.compose(*correction, gamma, beta)
+            outputs = _stats.normalize(
+                inputs,
+                mean,
+                variance,
+                gamma,
+                beta,
+                self.epsilon,
+                self._broadcast_shape,
+            )
         return ops.cast(outputs, self.compute_dtype)
 
-    def normalize_training(self, inputs, mean, variance, count, gamma, beta):
-        """Normalizes with the batch moments and updates moving statistics.
+    def update_statistics(self, mean, variance, count):
+        """Updates the statistics from a training batch's moments.
 
         `count` is the number of unmasked positions (None without a mask).
+        Returns `None` (the batch is normalized with its own moments) or a
+        correction `(r, d)`: `x_hat * r + d` replaces `x_hat`
+        (renormalization).
         """
         _stats.moving_average(self.moving_mean, mean, self.momentum, count)
         _stats.moving_average(
             self.moving_variance, variance, self.momentum, count
         )
-        return _stats.normalize(
-            inputs,
-            mean,
-            variance,
-            gamma,
-            beta,
-            self.epsilon,
-            self._broadcast_shape,
-        )
+        return None
 
     def get_config(self):
         config = {

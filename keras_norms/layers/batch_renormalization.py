@@ -235,8 +235,8 @@ class BatchRenormalization(BatchNormalization):
         self.step.assign_add(ops.cast(1, self.step.dtype))
         return ops.convert_to_tensor(rmax), ops.convert_to_tensor(dmax)
 
-    def normalize_training(self, inputs, mean, variance, count, gamma, beta):
-        dtype = inputs.dtype
+    def update_statistics(self, mean, variance, count):
+        dtype = mean.dtype
         rmax, dmax = (ops.cast(v, dtype) for v in self._clipping())
         stddev = ops.sqrt(variance + self.epsilon)
         renorm_mean = ops.cast(self.renorm_mean, dtype)
@@ -245,14 +245,6 @@ class BatchRenormalization(BatchNormalization):
         )
         r = ops.clip(stddev / renorm_stddev, 1.0 / rmax, rmax)
         d = ops.clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)
-        r = ops.stop_gradient(r)
-        d = ops.stop_gradient(d)
-        # gamma * (x_hat * r + d) + beta = x_hat * (gamma * r) + (gamma * d
-        # + beta): one fused normalization with a corrected scale and offset.
-        scale = r if gamma is None else gamma * r
-        offset = d if gamma is None else gamma * d
-        if beta is not None:
-            offset = offset + beta
 
         _stats.moving_average(
             self.renorm_mean, mean, self.renorm_momentum, count
@@ -270,15 +262,7 @@ class BatchRenormalization(BatchNormalization):
                 self.moving_variance.dtype,
             )
         )
-        return _stats.normalize(
-            inputs,
-            mean,
-            variance,
-            scale,
-            offset,
-            self.epsilon,
-            self._broadcast_shape,
-        )
+        return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def get_config(self):
         config = {
