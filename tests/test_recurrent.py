@@ -62,12 +62,16 @@ def test_padding_changes_nothing(kind, seed):
         assert_close(y1[mask], y2[0], f"outputs, {what}")
         assert_close_to_reference(dx1[mask], dx2[0], f"input grads, {what}")
         np.testing.assert_array_equal(dx1[~mask], 0.0)
+        # Sums over the same positions in another order (padding
+        # interleaved): compared to 1e-5 of each array's largest entry.
         for name in g1:
-            assert_close(g1[name], g2[name], f"{name} gradient, {what}")
+            assert_close_to_reference(g1[name], g2[name], f"{name}, {what}")
         for w1, w2 in zip(
             padded.non_trainable_weights, alone.non_trainable_weights
         ):
-            assert_close(to_numpy(w1), to_numpy(w2), f"{w1.name}, {what}")
+            assert_close_to_reference(
+                to_numpy(w1), to_numpy(w2), f"{w1.name}, {what}"
+            )
         for value in (y1, dx1, *g1.values()):
             assert np.all(np.isfinite(value))
         sgd_update(padded, g1)
