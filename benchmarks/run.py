@@ -71,6 +71,13 @@ def candidates(case):
     return out
 
 
+def mean_output(y_true, y_pred):
+    """The cheapest loss that reaches every output: it keeps the step's
+    time on the normalization rather than on the loss."""
+    del y_true
+    return keras.ops.mean(y_pred)
+
+
 def build(make, shape, masked, jit_compile):
     x = keras.Input(shape[1:])
     inputs = [x]
@@ -84,7 +91,7 @@ def build(make, shape, masked, jit_compile):
     model = keras.Model(inputs, h)
     model.compile(
         optimizer=keras.optimizers.SGD(1e-3),
-        loss="mse",
+        loss=mean_output,
         jit_compile=jit_compile,
     )
     return model

@@ -214,15 +214,6 @@ def compose(r, d, scale, offset):
     return new_scale, new_offset
 
 
-def correct(outputs, r, d, scale, offset, shape):
-    """Applies `x_hat -> x_hat * r + d` to `outputs = scale * x_hat +
-    offset` (the output of a fused batch norm)."""
-    _, shift = compose(r, d, scale, offset)
-    if offset is not None:
-        outputs = outputs - ops.reshape(offset, shape)
-    return outputs * ops.reshape(r, shape) + ops.reshape(shift, shape)
-
-
 _FUSED_FORMATS = {4: "NHWC", 5: "NDHWC"}
 
 

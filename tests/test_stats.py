@@ -133,4 +133,7 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
             )
         sgd_update(fast, g1)
         sgd_update(general, g2)
-    assert all(fused_calls) == (BACKEND == "tensorflow")
+    if fast._fused_kernel:
+        assert fused_calls and all(fused_calls) == (BACKEND == "tensorflow")
+    else:  # BatchRenormalization always takes the general path
+        assert not fused_calls

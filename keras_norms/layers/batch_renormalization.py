@@ -102,6 +102,11 @@ class BatchRenormalization(BatchNormalization):
     >>> # model.fit(x, y, batch_size=4, callbacks=[warmup])
     """
 
+    # The fused kernel normalizes before r and d are known, so it would need
+    # an extra pass to apply them; under XLA (Keras's default on
+    # TensorFlow) that made a train step 1.3x slower than the general path.
+    _fused_kernel = False
+
     def __init__(
         self,
         axis=-1,
