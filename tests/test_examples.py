@@ -82,3 +82,27 @@ def test_digits_sequences_example_runs():
         "CBN(Dense, k=4)",
     ], result.stdout
     assert all(0.0 <= float(a) <= 1.0 for _, a in lines)
+
+
+def test_small_batch_study_quick_writes_table_and_plot(tmp_path):
+    png = tmp_path / "study.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "small_batch_study.py"),
+            "--quick",
+            "--train-samples",
+            "200",
+            "--out",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| setting | BN | BRN | CBN |" in result.stdout
+    rows = re.findall(r"^\| batch .*\|$", result.stdout, re.MULTILINE)
+    assert len(rows) == 3, result.stdout  # batch 4, batch 16, non-i.i.d.
+    assert re.search(r"\[  9/9\] CBN batch  16 2 cls", result.stdout)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
