@@ -1,19 +1,17 @@
 """Batch normalization with masks, any rank and any feature axes."""
 
 from keras import backend
-from keras import constraints
-from keras import initializers
 from keras import ops
-from keras import regularizers
 from keras.layers import InputSpec
 from keras.layers import Layer
 from keras.saving import register_keras_serializable
 
 from keras_norms import _stats
+from keras_norms.layers._parameters import NormalizationParameters
 
 
 @register_keras_serializable(package="keras_norms")
-class BatchNormalization(Layer):
+class BatchNormalization(NormalizationParameters, Layer):
     """Layer that normalizes its inputs with batch statistics.
 
     A drop-in for `keras.layers.BatchNormalization` (same arguments, same
@@ -119,13 +117,20 @@ class BatchNormalization(Layer):
         # Types are checked now, ranges against the input rank in build.
         _stats.canonicalize_axes(axis)
         self.axis = axis
-        self.momentum = _stats.check_unit_interval("momentum", momentum)
-        self.epsilon = float(epsilon)
-        if not self.epsilon > 0.0:
-            raise ValueError(
-                f"Argument `epsilon` must be positive. Received: "
-                f"epsilon={epsilon}"
-            )
+        self.init_parameters(
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+        )
         if synchronized and backend.backend() != "tensorflow":
             raise ValueError(
                 "Argument `synchronized=True` is only supported with the "
@@ -134,21 +139,7 @@ class BatchNormalization(Layer):
                 f"synchronized={synchronized}"
             )
         self.synchronized = bool(synchronized)
-        self.center = bool(center)
-        self.scale = bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(
-            moving_variance_initializer
-        )
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = True
-        self.gamma = None
-        self.beta = None
 
     # Whether training may use TensorFlow's fused batch-norm kernel.
     _fused_kernel = True
@@ -173,40 +164,7 @@ class BatchNormalization(Layer):
             input_shape, self._feature_axes
         )
         shape = tuple(input_shape[a] for a in self._feature_axes)
-        if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-        )
-        self.moving_variance = self.add_weight(
-            shape=shape,
-            name="moving_variance",
-            initializer=self.moving_variance_initializer,
-            trainable=False,
-            autocast=False,
-        )
+        self.build_parameters(shape)
         self.build_statistics(shape)
         self.input_spec = InputSpec(
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
@@ -285,22 +243,7 @@ class BatchNormalization(Layer):
     def get_config(self):
         config = {
             "axis": self.axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "moving_mean_initializer": initializers.serialize(
-                self.moving_mean_initializer
-            ),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer
-            ),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            **self.parameters_config(),
             "synchronized": self.synchronized,
         }
         return {**super().get_config(), **config}

@@ -1,19 +1,17 @@
 """Cross-Iteration Batch Normalization (Yao et al., 2020)."""
 
-from keras import constraints
-from keras import initializers
 from keras import ops
-from keras import regularizers
 from keras.layers import Layer
 from keras.layers import Wrapper
 from keras.saving import register_keras_serializable
 
 from keras_norms import _linear
 from keras_norms import _stats
+from keras_norms.layers._parameters import NormalizationParameters
 
 
 @register_keras_serializable(package="keras_norms")
-class CrossIterationBatchNormalization(Wrapper):
+class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     """Normalizes a linear layer's output with statistics of recent steps.
 
     Cross-Iteration Batch Normalization (CBN, Yao et al., 2020) makes small
@@ -143,13 +141,20 @@ class CrossIterationBatchNormalization(Wrapper):
         self.window_size = _check_int("window_size", window_size, 1)
         self.burnin_steps = _check_int("burnin_steps", burnin_steps, 0)
         self.compensation = bool(compensation)
-        self.momentum = _stats.check_unit_interval("momentum", momentum)
-        self.epsilon = float(epsilon)
-        if not self.epsilon > 0.0:
-            raise ValueError(
-                f"Argument `epsilon` must be positive. Received: "
-                f"epsilon={epsilon}"
-            )
+        self.init_parameters(
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+        )
         if synchronized:
             raise ValueError(
                 "CrossIterationBatchNormalization does not compute "
@@ -157,21 +162,7 @@ class CrossIterationBatchNormalization(Wrapper):
                 f"Received: synchronized={synchronized}"
             )
         self.synchronized = False
-        self.center = bool(center)
-        self.scale = bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(
-            moving_variance_initializer
-        )
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = _linear.is_dense(layer)
-        self.gamma = None
-        self.beta = None
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -191,33 +182,7 @@ class CrossIterationBatchNormalization(Wrapper):
             output_shape, (channel_axis,)
         )
         channels = output_shape[channel_axis]
-        shape = (channels,)
-        if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        self.moving_mean = self._state(
-            shape, "moving_mean", self.moving_mean_initializer
-        )
-        self.moving_variance = self._state(
-            shape, "moving_variance", self.moving_variance_initializer
-        )
+        self.build_parameters((channels,))
         self.step = self._state((), "step", "zeros", dtype="int32")
         past = self.window_size - 1
         if past:
@@ -367,22 +332,7 @@ class CrossIterationBatchNormalization(Wrapper):
             "window_size": self.window_size,
             "burnin_steps": self.burnin_steps,
             "compensation": self.compensation,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "moving_mean_initializer": initializers.serialize(
-                self.moving_mean_initializer
-            ),
-            "moving_variance_initializer": initializers.serialize(
-                self.moving_variance_initializer
-            ),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            **self.parameters_config(),
             "synchronized": self.synchronized,
         }
         return {**super().get_config(), **config}
