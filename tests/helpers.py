@@ -86,6 +86,23 @@ def assert_config_round_trip(layer):
     assert revived.get_config() == config
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(path, *args):
+    """Runs `python path args...` (path relative to the repository) in a new
+    process on the current backend; asserts that it succeeds."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, path), *args],
+        env=dict(os.environ, KERAS_BACKEND=BACKEND),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def run_python(code, cwd):
     """Runs `code` in a new Python process on the current backend."""
     env = dict(os.environ, KERAS_BACKEND=BACKEND)

@@ -1,32 +1,22 @@
 """The benchmark harness keeps running (tiny sizes; no timing asserted)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import run_script
 
 
 def test_harness_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--tiny",
-            "--rounds",
-            "1",
-            "--jit",
-            "off",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_script(
+        "benchmarks/run.py",
+        "--tiny",
+        "--rounds",
+        "1",
+        "--jit",
+        "off",
+        "--json",
+        str(out),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     cases = {entry["case"]: entry for entry in report["cases"]}
     assert sorted(cases) == ["2d", "3d", "3d_mask", "4d_nhwc"]

@@ -1,28 +1,14 @@
 """The examples run end to end (tiny settings) and report what they claim."""
 
-import pathlib
 import re
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import run_script
 
 
 def test_digits_renorm_example_runs_and_reloads():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "digits_renorm.py"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_script(
+        "examples/digits_renorm.py", "--epochs", "1", "--batch-size", "16"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     accuracies = re.findall(r"test accuracy (\d\.\d+)", result.stdout)
     assert len(accuracies) == 3, result.stdout
     # One epoch on digits already beats chance (0.1) by far.
@@ -31,24 +17,17 @@ def test_digits_renorm_example_runs_and_reloads():
 
 
 def test_digits_cbn_example_runs():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "digits_cbn.py"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--window",
-            "3",
-            "--burnin-fraction",
-            "0.3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_script(
+        "examples/digits_cbn.py",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--window",
+        "3",
+        "--burnin-fraction",
+        "0.3",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     accuracies = re.findall(r"test accuracy (\d\.\d+)", result.stdout)
     assert len(accuracies) == 2, result.stdout
     assert "CBN(window_size=3, burnin_steps=101)" in result.stdout
@@ -57,22 +36,15 @@ def test_digits_cbn_example_runs():
 
 
 def test_digits_sequences_example_runs():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "digits_sequences.py"),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--units",
-            "16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_script(
+        "examples/digits_sequences.py",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--units",
+        "16",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     lines = re.findall(r"(.+?)\s+test accuracy (\d\.\d+)", result.stdout)
     names = [name.strip() for name, _ in lines]
     assert names == [
@@ -86,21 +58,14 @@ def test_digits_sequences_example_runs():
 
 def test_small_batch_study_quick_writes_table_and_plot(tmp_path):
     png = tmp_path / "study.png"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "small_batch_study.py"),
-            "--quick",
-            "--train-samples",
-            "200",
-            "--out",
-            str(png),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_script(
+        "examples/small_batch_study.py",
+        "--quick",
+        "--train-samples",
+        "200",
+        "--out",
+        str(png),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "| setting | BN | BRN | CBN |" in result.stdout
     rows = re.findall(r"^\| batch .*\|$", result.stdout, re.MULTILINE)
     assert len(rows) == 3, result.stdout  # batch 4, batch 16, non-i.i.d.
