@@ -6,6 +6,8 @@ import keras
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+import keras_norms
+
 
 def load_data(seed):
     """scikit-learn's 8x8 digits (bundled), 75% train / 25% test."""
@@ -61,3 +63,14 @@ def train(normalized, data, args, callbacks=()):
 
 def steps_of(data, args):
     return args.epochs * -(-len(data[0]) // args.batch_size)
+
+
+def scaled_warmup(steps):
+    """RenormWarmup with the paper's shape scaled to a run of `steps`:
+    rmax 1 -> 3 over [5%, 50%] of the steps, dmax 0 -> 5 over [5%, 30%]."""
+    return keras_norms.callbacks.RenormWarmup(
+        rmax=3.0,
+        dmax=5.0,
+        rmax_steps=(steps // 20, steps // 2),
+        dmax_steps=(steps // 20, (3 * steps) // 10),
+    )

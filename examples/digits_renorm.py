@@ -16,6 +16,7 @@ import tempfile
 import keras
 import numpy as np
 from digits_common import load_data
+from digits_common import scaled_warmup
 from digits_common import steps_of
 from digits_common import train
 
@@ -41,14 +42,7 @@ def main():
     _, bn_accuracy, bn_seconds, _ = train(
         lambda linear: [linear, keras_norms.BatchNormalization()], data, args
     )
-    # The paper's schedule, scaled from its 40k-step ramp to this run:
-    # rmax 1 -> 3 over steps [5%, 50%], dmax 0 -> 5 over [5%, 30%].
-    warmup = keras_norms.callbacks.RenormWarmup(
-        rmax=3.0,
-        dmax=5.0,
-        rmax_steps=(steps // 20, steps // 2),
-        dmax_steps=(steps // 20, (3 * steps) // 10),
-    )
+    warmup = scaled_warmup(steps)
     model, brn_accuracy, brn_seconds, history = train(
         lambda linear: [linear, keras_norms.BatchRenormalization()],
         data,

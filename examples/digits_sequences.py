@@ -21,6 +21,7 @@ import time
 
 import keras
 import numpy as np
+from digits_common import scaled_warmup
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -102,12 +103,7 @@ def main():
         )
         callbacks = []
         if kind == "brn":
-            callbacks.append(
-                keras_norms.callbacks.RenormWarmup(
-                    rmax_steps=(steps // 20, steps // 2),
-                    dmax_steps=(steps // 20, (3 * steps) // 10),
-                )
-            )
+            callbacks.append(scaled_warmup(steps))
         start = time.perf_counter()
         model.fit(
             x_train,

@@ -25,6 +25,7 @@ import time
 import keras
 import numpy as np
 from digits_common import make_model
+from digits_common import scaled_warmup
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -105,14 +106,7 @@ def run(kind, batch_size, classes_per_batch, seed, args):
     )
     callbacks = []
     if kind == "BRN":
-        # The paper's schedule scaled to this run: rmax 1 -> 3 over
-        # [5%, 50%] of the steps, dmax 0 -> 5 over [5%, 30%].
-        callbacks.append(
-            keras_norms.callbacks.RenormWarmup(
-                rmax_steps=(steps // 20, steps // 2),
-                dmax_steps=(steps // 20, (3 * steps) // 10),
-            )
-        )
+        callbacks.append(scaled_warmup(steps))
     start = time.perf_counter()
     model.fit(
         x_train[order],
