@@ -1,5 +1,6 @@
 """Batch Renormalization (Ioffe, 2017)."""
 
+from keras import initializers
 from keras import ops
 from keras.saving import register_keras_serializable
 
@@ -181,14 +182,14 @@ class BatchRenormalization(BatchNormalization):
         self.rmax_value = self.add_weight(
             shape=(),
             name="rmax",
-            initializer=_constant(self.rmax),
+            initializer=initializers.Constant(self.rmax),
             trainable=False,
             autocast=False,
         )
         self.dmax_value = self.add_weight(
             shape=(),
             name="dmax",
-            initializer=_constant(self.dmax),
+            initializer=initializers.Constant(self.dmax),
             trainable=False,
             autocast=False,
         )
@@ -298,10 +299,3 @@ def check_dmax(name, value):
             f"[-{name}, {name}]). Received: {name}={value}"
         )
     return value
-
-
-def _constant(value):
-    def initializer(shape, dtype=None):
-        return ops.full(shape, value, dtype=dtype)
-
-    return initializer
