@@ -33,10 +33,11 @@ class LinearRamp:
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
-        span = float(max(self.finish - self.begin, 1))
-        fraction = ops.clip((step - self.begin) / span, 0.0, 1.0)
-        if self.finish == self.begin:
+        if self.finish == self.begin:  # a jump at `begin`
             fraction = ops.cast(step >= self.begin, "float32")
+        else:
+            span = float(self.finish - self.begin)
+            fraction = ops.clip((step - self.begin) / span, 0.0, 1.0)
         return self.start + (self.end - self.start) * fraction
 
     def get_config(self):
