@@ -98,13 +98,70 @@ def _expand_mask(mask, feature_axes, dtype):
     return weights
 
 
-def _all_reduce_sum(values):
-    """Sums tensors over the replicas of a `tf.distribute` strategy."""
+def check_synchronized(synchronized, layer_name):
+    """Coerces `synchronized` to bool; raises where it cannot be honoured.
+
+    Cross-replica statistics exist with the TensorFlow backend (replicas of
+    a `tf.distribute` strategy) and the JAX backend (`keras.distribution`
+    compiles one program over the global batch). Keras has no distribution
+    API for PyTorch, so a synchronized layer there would silently compute
+    per-process statistics: that is refused.
+    """
+    if not isinstance(synchronized, bool):
+        raise TypeError(
+            "Argument `synchronized` must be True or False. "
+            f"Received: synchronized={synchronized!r}"
+        )
+    if synchronized and backend.backend() not in ("tensorflow", "jax"):
+        raise ValueError(
+            f"{layer_name}(synchronized=True) needs the TensorFlow backend "
+            "(tf.distribute strategies) or the JAX backend "
+            "(keras.distribution); the current backend is "
+            f"{backend.backend()!r}, which Keras cannot distribute. Use "
+            "synchronized=False. Received: synchronized=True"
+        )
+    return synchronized
+
+
+def _replica_context():
+    """The `tf.distribute` replica context when there are several replicas
+    to synchronize with (TensorFlow backend), else None."""
+    if backend.backend() != "tensorflow":
+        return None
     import tensorflow as tf
 
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
-        return values
+        return None
+    return ctx
+
+
+def global_batch_program():
+    """Whether the step is one program over a batch split across devices:
+    the JAX backend under a `keras.distribution` (XLA partitions it and
+    inserts the collectives). Batch statistics there are always global."""
+    if backend.backend() != "jax":
+        return False
+    from keras import distribution
+
+    return distribution.distribution() is not None
+
+
+def all_reduce_sum(values):
+    """Sums a list of tensors over the replicas, with ONE collective.
+
+    With TensorFlow inside a `tf.distribute` replica context, the tensors
+    are flattened into one vector for a single all-reduce (differentiable).
+    Elsewhere the values are returned as they are: on JAX,
+    `keras.distribution` compiles one program over the global batch, so a
+    sum over the batch axis already is the global sum (XLA inserts the
+    collective).
+    """
+    ctx = _replica_context()
+    if ctx is None:
+        return list(values)
+    import tensorflow as tf
+
     sizes = [math.prod(v.shape) for v in values]
     flat = ops.concatenate([ops.reshape(v, (-1,)) for v in values], axis=0)
     flat = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flat)
@@ -115,7 +172,55 @@ def _all_reduce_sum(values):
     return out
 
 
-def moments(inputs, axes, mask=None, synchronized=False):
+def synchronized_moments(inputs, axes, mask=None, shift=None, sums=()):
+    """`moments` over the global batch, with one all-reduce.
+
+    Each replica sums `x - shift` and its square (and counts positions);
+    these sums, plus any extra per-replica `sums` a layer needs reduced in
+    the same collective, go through one `all_reduce_sum`. The variance is
+    `E[(x - shift)^2] - E[x - shift]^2`: `shift` (a per-feature constant
+    that every replica shares, e.g. the moving mean) keeps the float32
+    cancellation of that difference small once it approximates the mean.
+
+    Returns `(mean, variance, count, sums)`: `count` is the global number of
+    positions (a scalar tensor) and `sums` the globally summed extras.
+    """
+    ndim = len(inputs.shape)
+    feature_axes = tuple(a for a in range(ndim) if a not in axes)
+    if shift is None:
+        shifted = inputs
+    else:
+        shape = broadcast_shape(inputs.shape, feature_axes)
+        shifted = inputs - ops.reshape(ops.stop_gradient(shift), shape)
+    if mask is None:
+        count = ops.cast(
+            ops.size(inputs)
+            // math.prod(inputs.shape[a] for a in feature_axes),
+            inputs.dtype,
+        )
+    else:
+        keep = _expand_mask(mask, feature_axes, "bool")
+        # `where`, not a product with the mask: padding may hold inf or NaN.
+        shifted = ops.where(keep, shifted, 0.0)
+        count = ops.sum(ops.cast(mask, inputs.dtype))
+    total, total_sq, count, *sums = all_reduce_sum(
+        [
+            ops.sum(shifted, axis=axes),
+            ops.sum(ops.square(shifted), axis=axes),
+            count,
+            *sums,
+        ]
+    )
+    safe = ops.maximum(count, 1.0)
+    centered_mean = total / safe
+    variance = ops.relu(total_sq / safe - ops.square(centered_mean))
+    if shift is None:
+        return centered_mean, variance, count, sums
+    mean = centered_mean + ops.stop_gradient(shift)
+    return mean, variance, count, sums
+
+
+def moments(inputs, axes, mask=None, synchronized=False, shift=None):
     """Per-feature mean and (biased) variance over `axes`.
 
     Args:
@@ -123,8 +228,11 @@ def moments(inputs, axes, mask=None, synchronized=False):
         axes: Tuple of reduction axes (see `reduction_axes`).
         mask: Optional tensor with the shape of `inputs` without the feature
             axes; positions where it is false take no part in the statistics.
-        synchronized: If `True` (TensorFlow backend), the statistics are over
-            the global batch of a `tf.distribute` strategy.
+        synchronized: If `True`, the statistics are over the global batch
+            (see `synchronized_moments`), as they always are under a
+            `keras.distribution` on JAX.
+        shift: Optional per-feature constant near the mean, shared by the
+            replicas (e.g. the moving mean), for `synchronized_moments`.
 
     Returns:
         `(mean, variance, count)`, mean and variance with the reduced axes
@@ -132,10 +240,13 @@ def moments(inputs, axes, mask=None, synchronized=False):
         statistics (a scalar tensor) when `mask` is given, else `None`. With
         every position masked, mean and variance are 0 (never NaN).
     """
+    if synchronized or global_batch_program():
+        # One-pass sums: the collective(s) for them fuse into one.
+        mean, variance, count, _ = synchronized_moments(
+            inputs, axes, mask, shift
+        )
+        return mean, variance, None if mask is None else count
     if mask is None:
-        if synchronized:
-            mean, variance = ops.moments(inputs, axes=axes, synchronized=True)
-            return mean, variance, None
         # Two passes on every backend (as tf.nn.moments does): Keras's torch
         # backend uses E[x^2] - E[x]^2, which loses the variance to float32
         # cancellation when |mean| >> std.
@@ -149,18 +260,6 @@ def moments(inputs, axes, mask=None, synchronized=False):
     # `where`, not a product with the mask: padding may hold inf or NaN.
     weighted = ops.where(keep, inputs, 0.0)
     count = ops.sum(ops.cast(keep, inputs.dtype))
-    if synchronized:
-        total, total_sq, count = _all_reduce_sum(
-            [
-                ops.sum(weighted, axis=axes),
-                ops.sum(ops.square(weighted), axis=axes),
-                count,
-            ]
-        )
-        safe = ops.maximum(count, 1.0)
-        mean = total / safe
-        variance = ops.relu(total_sq / safe - ops.square(mean))
-        return mean, variance, count
     safe = ops.maximum(count, 1.0)
     mean = ops.sum(weighted, axis=axes, keepdims=True) / safe
     centered = ops.where(keep, inputs - mean, 0.0)

@@ -59,6 +59,34 @@ def test_moments_match_numpy(shape, feature_axes, masked):
         assert count is None
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize(
+    "shape,feature_axes", [((5, 7, 3), (2,)), ((3, 4, 5, 6), (1, 3))]
+)
+def test_synchronized_moments_match_numpy(shape, feature_axes, masked):
+    """The one-pass sums of the synchronized path (on one replica), with
+    the shift near the mean that keeps float32 cancellation small."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1000.0, 0.5, size=shape).astype("float32")
+    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
+    mask = rng.random(mshape) < 0.5 if masked else None
+    axes = _stats.reduction_axes(feature_axes, len(shape))
+    rmean, rvar, rcount = references.batch_moments(x, mask, feature_axes)
+    shift = (rmean + rng.normal(0.0, 0.1, size=rmean.shape)).astype("float32")
+    extra = rng.normal(size=(2, 3)).astype("float32")
+    mean, var, count, sums = _stats.synchronized_moments(
+        ops.convert_to_tensor(x),
+        axes,
+        None if mask is None else ops.convert_to_tensor(mask),
+        shift=ops.convert_to_tensor(shift),
+        sums=[ops.convert_to_tensor(extra)],
+    )
+    np.testing.assert_allclose(to_numpy(mean), rmean, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(var), rvar, rtol=1e-4)
+    assert float(to_numpy(count)) == rcount
+    np.testing.assert_array_equal(to_numpy(sums[0]), extra)
+
+
 def test_moments_of_an_all_masked_batch_are_zero():
     x = ops.ones((2, 3, 4))
     mean, var, count = _stats.moments(x, (0, 1), ops.zeros((2, 3), "bool"))

@@ -1,6 +1,5 @@
 """Batch normalization with masks, any rank and any feature axes."""
 
-from keras import backend
 from keras import ops
 from keras.layers import InputSpec
 from keras.layers import Layer
@@ -63,9 +62,12 @@ class BatchNormalization(NormalizationParameters, Layer):
         gamma_regularizer: Optional regularizer for `gamma`.
         beta_constraint: Optional constraint for `beta`.
         gamma_constraint: Optional constraint for `gamma`.
-        synchronized: If `True`, statistics are computed over the global
-            batch of a `tf.distribute` strategy (TensorFlow backend only).
-            Defaults to `False`.
+        synchronized: If `True`, the batch statistics are over the global
+            batch when training on several devices: the replicas of a
+            `tf.distribute` strategy (TensorFlow backend; one all-reduce per
+            layer and step) or a `keras.distribution` (JAX backend, where
+            they are always global). Not available with PyTorch. Defaults
+            to `False`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -131,14 +133,9 @@ class BatchNormalization(NormalizationParameters, Layer):
             beta_constraint=beta_constraint,
             gamma_constraint=gamma_constraint,
         )
-        if synchronized and backend.backend() != "tensorflow":
-            raise ValueError(
-                "Argument `synchronized=True` is only supported with the "
-                "TensorFlow backend; on other backends use "
-                "`synchronized=False`. Received: "
-                f"synchronized={synchronized}"
-            )
-        self.synchronized = bool(synchronized)
+        self.synchronized = _stats.check_synchronized(
+            synchronized, self.__class__.__name__
+        )
         self.supports_masking = True
 
     # Whether training may use TensorFlow's fused batch-norm kernel.
@@ -210,7 +207,11 @@ class BatchNormalization(NormalizationParameters, Layer):
             self.update_statistics(mean, variance, None)
         else:
             mean, variance, count = _stats.moments(
-                inputs, self._reduction_axes, mask, self.synchronized
+                inputs,
+                self._reduction_axes,
+                mask,
+                self.synchronized,
+                shift=ops.cast(self.moving_mean, dtype),
             )
             correction = self.update_statistics(mean, variance, count)
             if correction is not None:

@@ -62,9 +62,12 @@ class BatchRenormalization(BatchNormalization):
         gamma_regularizer: Optional regularizer for `gamma`.
         beta_constraint: Optional constraint for `beta`.
         gamma_constraint: Optional constraint for `gamma`.
-        synchronized: If `True`, statistics are over the global batch of a
-            `tf.distribute` strategy (TensorFlow backend only). Defaults to
-            `False`.
+        synchronized: If `True`, the batch statistics are over the global
+            batch when training on several devices: the replicas of a
+            `tf.distribute` strategy (TensorFlow backend; one all-reduce per
+            layer and step) or a `keras.distribution` (JAX backend, where
+            they are always global). Not available with PyTorch. Defaults
+            to `False`.
         rmax: Initial upper clip of `r` (its lower clip is `1 / rmax`),
             at least 1. Defaults to `3.0`.
         dmax: Initial clip of `|d|`, at least 0. Defaults to `5.0`.

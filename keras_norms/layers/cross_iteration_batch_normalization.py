@@ -80,8 +80,12 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         gamma_regularizer: Optional regularizer for `gamma`.
         beta_constraint: Optional constraint for `beta`.
         gamma_constraint: Optional constraint for `gamma`.
-        synchronized: Must be `False`: cross-replica statistics are not
-            implemented for this layer yet.
+        synchronized: If `True`, the batch statistics and the derivatives
+            that compensate them are over the global batch when training on
+            several devices: the replicas of a `tf.distribute` strategy
+            (TensorFlow backend; one all-reduce per layer and step) or a
+            `keras.distribution` (JAX backend, where they are always
+            global). Not available with PyTorch. Defaults to `False`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -155,13 +159,9 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             beta_constraint=beta_constraint,
             gamma_constraint=gamma_constraint,
         )
-        if synchronized:
-            raise ValueError(
-                "CrossIterationBatchNormalization does not compute "
-                "cross-replica statistics yet; pass synchronized=False. "
-                f"Received: synchronized={synchronized}"
-            )
-        self.synchronized = False
+        self.synchronized = _stats.check_synchronized(
+            synchronized, self.__class__.__name__
+        )
         self.supports_masking = _linear.is_dense(layer)
 
     def build(self, input_shape):
@@ -249,8 +249,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
 
     def _training_statistics(self, inputs, outputs, kernel, mask):
         """The cross-iteration mean and variance; updates all state."""
-        mean, variance, count = _stats.moments(
-            outputs, self._reduction_axes, mask
+        mean, variance, count, dmu, dnu = self._batch_statistics(
+            inputs, outputs, mask
         )
         _stats.moving_average(self.moving_mean, mean, self.momentum, count)
         _stats.moving_average(
@@ -270,10 +270,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 self.past_kernel, dtype
             )
             kernel_axes = tuple(range(1, len(delta.shape) - 1))
-            dmu = ops.cast(self.past_dmu, dtype)
-            dnu = ops.cast(self.past_dnu, dtype)
-            past_mu = past_mu + ops.sum(dmu * delta, axis=kernel_axes)
-            past_nu = past_nu + ops.sum(dnu * delta, axis=kernel_axes)
+            past_dmu = ops.cast(self.past_dmu, dtype)
+            past_dnu = ops.cast(self.past_dnu, dtype)
+            past_mu = past_mu + ops.sum(past_dmu * delta, axis=kernel_axes)
+            past_nu = past_nu + ops.sum(past_dnu * delta, axis=kernel_axes)
         past_var = past_nu - ops.square(past_mu)
         filled = ops.arange(self.window_size - 1) < self.filled
         use = ops.logical_and(filled[:, None], past_var >= 0)
@@ -289,28 +289,67 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         avg_var = (variance + ops.sum(use * past_var, axis=0) + spread) / n
 
-        self._push(inputs, outputs, kernel, mask, mean, variance, count, step)
+        self._push(kernel, mean, variance, dmu, dnu, count, step)
         return avg_mean, avg_var
 
-    def _push(self, inputs, outputs, kernel, mask, mean, variance, count, step):
-        """Stores this step's statistics and derivatives in the buffer."""
-        weights = None
-        if mask is not None:
-            weights = ops.cast(mask, outputs.dtype)
-        else:
-            count = ops.cast(
+    def _batch_statistics(self, inputs, outputs, mask):
+        """This step's moments of `outputs` and, with a window, their
+        derivatives d mu / d W and d nu / d W (constants).
+
+        Returns `(mean, variance, count, dmu, dnu)`, `count` None without a
+        mask, `dmu`/`dnu` None when `window_size == 1`. With `synchronized`,
+        all are over the global batch, from one all-reduce of the replicas'
+        sums.
+        """
+        weights = None if mask is None else ops.cast(mask, outputs.dtype)
+        window = self.window_size > 1
+        if self.synchronized or _stats.global_batch_program():
+            sums = ()
+            if window:  # d mu / d W and d nu / d W are sums / count
+                sums = _linear.statistic_gradients(
+                    self.layer,
+                    ops.stop_gradient(inputs),
+                    ops.stop_gradient(outputs),
+                    weights,
+                    ops.ones((), outputs.dtype),
+                )
+            mean, variance, total, sums = _stats.synchronized_moments(
+                outputs,
+                self._reduction_axes,
+                mask,
+                shift=ops.cast(self.moving_mean, outputs.dtype),
+                sums=sums,
+            )
+            safe = ops.maximum(total, 1.0)
+            dmu, dnu = (s / safe for s in sums) if window else (None, None)
+            return mean, variance, total if mask is not None else None, dmu, dnu
+
+        mean, variance, count = _stats.moments(
+            outputs, self._reduction_axes, mask
+        )
+        if not window:
+            return mean, variance, count, None, None
+        total = count
+        if mask is None:
+            total = ops.cast(
                 ops.size(outputs) // outputs.shape[self._channel_axis],
                 outputs.dtype,
             )
-        safe_count = ops.maximum(count, 1.0)
         dmu, dnu = _linear.statistic_gradients(
             self.layer,
             ops.stop_gradient(inputs),
             ops.stop_gradient(outputs),
             weights,
-            safe_count,
+            ops.maximum(total, 1.0),
         )
-        push = ops.logical_and(step >= self.burnin_steps, count > 0)
+        return mean, variance, count, dmu, dnu
+
+    def _push(self, kernel, mean, variance, dmu, dnu, count, step):
+        """Stores this step's statistics and derivatives in the buffer
+        (not during burn-in, nor for an all-masked batch)."""
+        push = step >= self.burnin_steps
+        if count is not None:
+            push = ops.logical_and(push, count > 0)
         values = (
             (self.past_kernel, ops.stop_gradient(kernel)),
             (self.past_dmu, dmu),

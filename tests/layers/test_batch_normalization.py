@@ -280,15 +280,6 @@ def test_mask_of_wrong_shape(mask_shape):
         layer(x, training=True, mask=np.ones(mask_shape, bool))
 
 
-def test_synchronized_outside_tensorflow():
-    if BACKEND == "tensorflow":
-        layer = keras_norms.BatchNormalization(synchronized=True)
-        assert layer.get_config()["synchronized"] is True
-    else:
-        with pytest.raises(ValueError, match="synchronized"):
-            keras_norms.BatchNormalization(synchronized=True)
-
-
 def test_mask_flows_to_next_layer():
     inputs = keras.Input((None,), dtype="int32")
     h = keras.layers.Embedding(10, 4, mask_zero=True)(inputs)

@@ -366,7 +366,7 @@ def test_refuses_unsupported_layers(make, needle):
         (dict(burnin_steps=-1), ValueError, "burnin_steps"),
         (dict(momentum=1.0), ValueError, "momentum"),
         (dict(epsilon=0.0), ValueError, "epsilon"),
-        (dict(synchronized=True), ValueError, "synchronized"),
+        (dict(synchronized=1), TypeError, "synchronized"),
     ],
 )
 def test_bad_arguments(kwargs, error, needle):

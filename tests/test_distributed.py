@@ -1,0 +1,103 @@
+"""Synchronized statistics on 2 devices equal 1 device (1e-5).
+
+The training runs happen in `tests/distributed_scenario.py`, in a process
+of its own per backend (devices are configured before Keras starts).
+TensorFlow: 2 logical CPUs under `tf.distribute.MirroredStrategy`; JAX: 2
+host devices under `keras.distribution.DataParallel`.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_norms
+from tests.helpers import BACKEND
+from tests.helpers import run_script
+
+DISTRIBUTED = BACKEND in ("tensorflow", "jax")
+
+SYNCHRONIZED = ["bn", "bn_mask", "brn", "brn_mask", "cbn", "cbn_mask"]
+SYNCHRONIZED += ["cbn_conv"]
+LOCAL = ["bn_local", "brn_local", "cbn_local"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    run_script("tests/distributed_scenario.py", str(out))
+    return out
+
+
+def load(results, case):
+    arrays = np.load(results / f"{case}.npz")
+    n = len(arrays.files) // 2
+    return [arrays[f"one/{i}"] for i in range(n)], [
+        arrays[f"two/{i}"] for i in range(n)
+    ]
+
+
+def relative_difference(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-6))
+
+
+@pytest.mark.skipif(not DISTRIBUTED, reason="no Keras distribution")
+@pytest.mark.parametrize("case", SYNCHRONIZED)
+def test_two_replicas_train_like_one(results, case):
+    """Weights, moving statistics, CBN's buffers and predictions after
+    3 steps of `fit()` with global batch 8: 2 replicas x 4 == 1 x 8."""
+    one, two = load(results, case)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert relative_difference(a, b) <= 1e-5, (case, i)
+
+
+@pytest.mark.skipif(not DISTRIBUTED, reason="no Keras distribution")
+@pytest.mark.parametrize("case", LOCAL)
+def test_local_statistics(results, case):
+    """`synchronized=False`: with `tf.distribute`, each replica normalizes
+    with its own half batch, so training differs from one device; under
+    `keras.distribution` on JAX, XLA compiles one program over the global
+    batch and the statistics are global anyway (as with Keras's own BN)."""
+    one, two = load(results, case)
+    worst = max(relative_difference(a, b) for a, b in zip(one, two))
+    if BACKEND == "tensorflow":
+        assert worst > 1e-3
+    else:
+        assert worst <= 1e-5
+
+
+@pytest.mark.skipif(not DISTRIBUTED, reason="no Keras distribution")
+def test_one_all_reduce_per_layer(results):
+    """Per replica and training call: one all-reduce for keras_norms
+    layers, masked or not; Keras's own BN makes 3 (TensorFlow) or 2 (JAX)
+    and synchronizes nothing when masked on TensorFlow."""
+    counts = json.loads((results / "collectives.json").read_text())
+    for name in ("bn", "brn", "cbn"):
+        assert counts[name] == 1, counts
+        assert counts[name + "_mask"] == 1, counts
+    assert counts["keras_bn"] > 1, counts
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras_norms.BatchNormalization(synchronized=True),
+        lambda: keras_norms.BatchRenormalization(synchronized=True),
+        lambda: keras_norms.CrossIterationBatchNormalization(
+            keras.layers.Dense(3, use_bias=False), synchronized=True
+        ),
+    ],
+    ids=["bn", "brn", "cbn"],
+)
+def test_synchronized_where_supported(make):
+    if DISTRIBUTED:
+        assert make().get_config()["synchronized"] is True
+    else:
+        with pytest.raises(ValueError, match="synchronized"):
+            make()
+
+
+def test_synchronized_must_be_bool():
+    with pytest.raises(TypeError, match="synchronized"):
+        keras_norms.BatchNormalization(synchronized="yes")
