@@ -294,7 +294,13 @@ def normalize(inputs, mean, variance, scale, offset, epsilon, shape):
     shift = -mean * inv
     if offset is not None:
         shift = shift + offset
-    return inputs * ops.reshape(inv, shape) + ops.reshape(shift, shape)
+    return affine(inputs, inv, shift, shape)
+
+
+def affine(inputs, scale, offset, shape):
+    """`inputs * scale + offset`, per-feature `scale` and `offset` reshaped
+    to `shape`."""
+    return inputs * ops.reshape(scale, shape) + ops.reshape(offset, shape)
 
 
 def compute_dtype_for(inputs):
@@ -316,10 +322,11 @@ def compose(r, d, scale, offset):
 _FUSED_FORMATS = {4: "NHWC", 5: "NDHWC"}
 
 
-def can_fuse(inputs, feature_axes, synchronized):
+def can_fuse(inputs, feature_axes, synchronized, under_xla=True):
     """Whether TensorFlow's fused batch-norm kernel applies: TensorFlow
     backend, one feature axis that is the last of a rank-4/5 float32
-    input, no cross-replica statistics."""
+    input, no cross-replica statistics; with `under_xla=False`, not while
+    tracing for XLA (`jit_compile=True`)."""
     ndim = len(inputs.shape)
     return (
         backend.backend() == "tensorflow"
@@ -327,7 +334,26 @@ def can_fuse(inputs, feature_axes, synchronized):
         and ndim in _FUSED_FORMATS
         and feature_axes == (ndim - 1,)
         and backend.standardize_dtype(inputs.dtype) == "float32"
+        and (under_xla or not _in_xla_compilation())
     )
+
+
+def _in_xla_compilation():
+    """Whether TensorFlow is tracing a function for XLA.
+
+    XLA lowers the fused kernel to the same loops as the general path, so a
+    fast path that adds work around the kernel only pays without XLA. This
+    asks a private TensorFlow helper (there is no public one); should it
+    move, the answer is "yes", which picks the general path.
+    """
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+
+        graph = tf.compat.v1.get_default_graph()
+        return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+    except (ImportError, AttributeError):
+        return True
 
 
 def fused_batch_norm(inputs, scale, offset, epsilon):

@@ -136,8 +136,8 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
     fused_calls = []
     real_can_fuse = _stats.can_fuse
 
-    def spy(*args):
-        fused_calls.append(real_can_fuse(*args))
+    def spy(*args, **kwargs):
+        fused_calls.append(real_can_fuse(*args, **kwargs))
         return fused_calls[-1]
 
     rng = np.random.default_rng(0)
@@ -147,7 +147,7 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
         dy = rng.normal(size=shape).astype("float32")
         monkeypatch.setattr(_stats, "can_fuse", spy)
         y1, dx1, g1 = train_call(fast, x, dy)
-        monkeypatch.setattr(_stats, "can_fuse", lambda *args: False)
+        monkeypatch.setattr(_stats, "can_fuse", lambda *a, **k: False)
         y2, dx2, g2 = train_call(general, x, dy)
         assert_close_to_reference(y1, y2, f"outputs, step {step}")
         assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
@@ -161,7 +161,23 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
             )
         sgd_update(fast, g1)
         sgd_update(general, g2)
-    if fast._fused_kernel:
-        assert fused_calls and all(fused_calls) == (BACKEND == "tensorflow")
-    else:  # BatchRenormalization always takes the general path
-        assert not fused_calls
+    assert fused_calls and all(fused_calls) == (BACKEND == "tensorflow")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernel")
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_fusing_around_the_kernel_is_skipped_under_xla(jit_compile):
+    """BatchRenormalization's fused path adds an affine pass after the
+    kernel, which only pays without XLA; BatchNormalization's does not."""
+    import tensorflow as tf
+
+    seen = {}
+
+    @tf.function(jit_compile=jit_compile)
+    def probe(x):
+        seen["bn"] = _stats.can_fuse(x, (3,), False)
+        seen["brn"] = _stats.can_fuse(x, (3,), False, under_xla=False)
+        return x
+
+    probe(tf.zeros((2, 3, 3, 4)))
+    assert seen == {"bn": True, "brn": not jit_compile}
