@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from tests.helpers import BACKEND
 from tests.helpers import run_script
 
 
@@ -26,3 +29,20 @@ def test_harness_runs_and_reports(tmp_path):
             assert ratio["ratio"] > 0
     assert "train conv+cbn / conv+bn" in cases["4d_nhwc"]["ratios"]
     assert "train kn_bn / keras_bn" in result.stdout
+
+
+def test_multi_device_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "multi.json"
+    run_script("benchmarks/multi_device.py", "--tiny", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["ratios"] and all(r > 0 for r in report["ratios"].values())
+    assert (
+        "kn_bn_sync" in report["seconds"] or report["backend"] != "tensorflow"
+    )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernels")
+def test_xla_formulations_benchmark_runs():
+    result = run_script("benchmarks/xla_formulations.py", "--tiny")
+    for label in ("keras xla", "fused no xla", "analytic xla"):
+        assert label in result.stdout
