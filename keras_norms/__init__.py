@@ -5,6 +5,7 @@ Importing this package registers every layer and callback with Keras, so
 """
 
 from keras_norms import callbacks
+from keras_norms import utils
 from keras_norms.layers import CBN
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import BatchRenormalization
@@ -18,4 +19,5 @@ __all__ = [
     "CBN",
     "CrossIterationBatchNormalization",
     "callbacks",
+    "utils",
 ]

@@ -1,0 +1,9 @@
+"""Model utilities of keras_norms."""
+
+from keras_norms.utils.fold_normalization import fold_normalization
+from keras_norms.utils.recompute_statistics import recompute_statistics
+
+__all__ = [
+    "fold_normalization",
+    "recompute_statistics",
+]

@@ -1,0 +1,663 @@
+"""Precise batch normalization: population statistics over a dataset."""
+
+import collections.abc
+import contextlib
+import itertools
+import math
+import sys
+import warnings
+
+import keras
+import numpy as np
+from keras import backend
+from keras import ops
+
+from keras_norms import _linear
+from keras_norms import _stats
+from keras_norms.layers import BatchNormalization
+from keras_norms.layers import CrossIterationBatchNormalization
+
+_NORMALIZATION_LAYERS = (
+    BatchNormalization,
+    CrossIterationBatchNormalization,
+    keras.layers.BatchNormalization,
+)
+_DEFAULT_BATCH_SIZE = 32
+
+
+def recompute_statistics(
+    model, data, steps=None, *, batch_size=None, layers=None
+):
+    """Sets the moving statistics of batch-norm layers to population values.
+
+    During training, batch normalization keeps an exponential moving average
+    of the batch statistics. That average mixes statistics computed with
+    many past weights, each from one (possibly tiny) batch, and the inputs
+    of a layer at training time are not those it sees at inference, where
+    the layers before it normalize with their moving statistics. "Precise
+    BN" replaces the average with the exact mean and (biased) variance over
+    `data` of what each layer normalizes, with the weights frozen.
+
+    Every `keras_norms.BatchNormalization`, `BatchRenormalization` and
+    `CrossIterationBatchNormalization` and every
+    `keras.layers.BatchNormalization` in `model` (or only those in
+    `layers`) is re-estimated, `trainable=False` ones included. The model
+    runs in inference mode (`model(x, training=False)`), and a layer's
+    statistics are taken once every normalization layer upstream of it has
+    its new statistics: they are those of the inputs it sees at inference.
+    Layers that do not depend on each other share a pass over `data`, so a
+    `Sequential` or functional model needs one pass per "wave" of layers
+    (a chain of `k` layers: `k` passes; parallel branches share them). The
+    order inside a model whose call is Python code (a subclassed model or
+    layer) cannot be read from a graph: its layers are processed one per
+    pass, in the order in which a first batch calls them.
+
+    Masks are honoured exactly as the layers' own training statistics
+    honour them (masked positions take no part). For
+    `CrossIterationBatchNormalization` the statistics are those of the
+    wrapped layer's output, as in training. `BatchRenormalization` (and
+    Keras's `BatchNormalization(renorm=True)`) also get
+    `moving_stddev = sqrt(moving_variance + epsilon)`, and their running
+    statistics for `r` and `d` are set to the same population mean and
+    standard deviation, so that further training starts from them. Nothing
+    else changes: no trainable weight, step counter or CBN buffer.
+
+    Args:
+        model: A `keras.Model` (or layer), built or not.
+        data: The inputs to average over: a NumPy array (read in batches of
+            `batch_size`), or a `tf.data.Dataset`, generator or other
+            iterable whose elements are batches `x`, `(x,)`, `(x, y)` or
+            `(x, y, sample_weight)` as `model.fit` accepts them (only `x` is
+            used; it may be a list or dict of arrays for a multi-input
+            model). A generator or iterator can be read only once: its
+            batches are kept in memory when the model needs several passes.
+        steps: Number of batches read per pass, or `None` to read `data`
+            until it is exhausted. Needed for an infinite dataset. Defaults
+            to `None`.
+        batch_size: Batch size for a NumPy array `data`; the statistics do
+            not depend on it. Defaults to 32.
+        layers: Optional list of normalization layers of `model`, or of
+            their names, to recompute; the others keep their statistics.
+            Defaults to `None` (all of them).
+
+    Returns:
+        A dict from layer name to the number of positions (per feature,
+        masked ones excluded) that its statistics were computed from. A
+        layer that no position reaches keeps its statistics, with a warning.
+
+    Reference:
+
+    - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576),
+      "Rethinking 'Batch' in BatchNorm", Section 3.
+
+    Example:
+
+    >>> import keras
+    >>> import numpy as np
+    >>> import keras_norms
+    >>> from keras_norms.utils import recompute_statistics
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(8),
+    ...     keras_norms.BatchNormalization(name="bn"),
+    ... ])
+    >>> x = np.random.normal(2.0, 3.0, size=(100, 4)).astype("float32")
+    >>> recompute_statistics(model, x, batch_size=16)
+    {'bn': 100}
+    >>> h = keras.ops.convert_to_numpy(model.layers[0](x))
+    >>> mean = keras.ops.convert_to_numpy(model.layers[1].moving_mean)
+    >>> bool(np.allclose(mean, h.mean(axis=0), atol=1e-4))
+    True
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "Argument `model` must be a Keras model or layer. "
+            f"Received: model={model!r}"
+        )
+    found = _normalization_layers(model)
+    if not found:
+        raise ValueError(
+            "Argument `model` contains no batch-normalization layer "
+            "(keras_norms.BatchNormalization, BatchRenormalization, "
+            "CrossIterationBatchNormalization or "
+            "keras.layers.BatchNormalization). Received: "
+            f"model={model.name!r}"
+        )
+    targets = _select(found, layers)
+    batches = _Batches(data, _check_steps(steps), batch_size)
+
+    dependencies, chains = _plan(model, targets)
+    if chains:
+        # Python code decides the order: take it from a first batch.
+        order = _call_order(model, targets, batches)
+        for chain in chains:
+            for later in chain:
+                dependencies[id(later)].update(
+                    id(earlier)
+                    for earlier in chain
+                    if order.get(id(earlier), math.inf)
+                    < order.get(id(later), math.inf)
+                )
+    waves = _waves(targets, dependencies)
+    batches.keep = len(waves) > 1
+
+    statistics = {id(layer): _Moments() for layer in targets}
+    for wave in waves:
+        with _recording(wave, statistics):
+            _run(model, batches)
+        for layer in wave:
+            _assign(layer, statistics[id(layer)])
+
+    unused = [
+        layer.name for layer in targets if not statistics[id(layer)].used()
+    ]
+    if unused:
+        warnings.warn(
+            "recompute_statistics: no unmasked position of `data` reached "
+            f"the layers {unused}; they keep their statistics.",
+            stacklevel=2,
+        )
+    return {layer.name: statistics[id(layer)].positions() for layer in targets}
+
+
+# Finding the layers and their order.
+
+
+def _sublayers(layer):
+    if isinstance(layer, keras.Model):
+        return layer.layers
+    if isinstance(layer, keras.layers.Wrapper):
+        return [layer.layer]
+    # Layers of other layers (RNN cells, Bidirectional, custom layers): Keras
+    # has no public accessor, `Model.layers` itself is built on this method.
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None:
+        return []
+    return list(flatten(include_self=False, recursive=False))
+
+
+def _normalization_layers(layer, seen=None):
+    """The normalization layers in `layer` (itself included), depth first."""
+    seen = set() if seen is None else seen
+    if not isinstance(layer, keras.layers.Layer) or id(layer) in seen:
+        return []
+    seen.add(id(layer))
+    if isinstance(layer, _NORMALIZATION_LAYERS):
+        return [layer]
+    found = []
+    for sublayer in _sublayers(layer):
+        found.extend(_normalization_layers(sublayer, seen))
+    return found
+
+
+def _select(found, layers):
+    if layers is None:
+        return found
+    if isinstance(layers, (str, keras.layers.Layer)) or not isinstance(
+        layers, (list, tuple)
+    ):
+        raise TypeError(
+            "Argument `layers` must be None or a list of layers or layer "
+            f"names. Received: layers={layers!r}"
+        )
+    if not layers:
+        raise ValueError(
+            "Argument `layers` must name at least one layer (use "
+            "layers=None for all of them). Received: layers=[]"
+        )
+    by_name = {}
+    for layer in found:
+        by_name.setdefault(layer.name, []).append(layer)
+    chosen = set()
+    for item in layers:
+        if isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(
+                    f"Argument `layers` names {item!r}, which is not a "
+                    "batch-normalization layer of the model; those are "
+                    f"{sorted(by_name)}. Received: layers={layers!r}"
+                )
+            chosen.update(id(layer) for layer in by_name[item])
+        elif isinstance(item, keras.layers.Layer):
+            if not any(item is layer for layer in found):
+                raise ValueError(
+                    f"Argument `layers` contains the layer {item.name!r}, "
+                    "which is not a batch-normalization layer of the model. "
+                    f"Received: layers={layers!r}"
+                )
+            chosen.add(id(item))
+        else:
+            raise TypeError(
+                "Argument `layers` must be None or a list of layers or "
+                f"layer names. Received: layers={layers!r}"
+            )
+    return [layer for layer in found if id(layer) in chosen]
+
+
+def _is_sequential(layer):
+    return (
+        isinstance(layer, keras.Sequential)
+        and type(layer).call is keras.Sequential.call
+    )
+
+
+def _is_functional(layer):
+    """A functional model whose call runs its graph (`keras.Model(inputs,
+    outputs)`; Keras has no public class for it)."""
+    call = getattr(type(layer).call, "__qualname__", "")
+    graph = getattr(layer, "_nodes_by_depth", None)
+    return call == "Functional.call" and isinstance(graph, dict)
+
+
+def _plan(model, targets):
+    """Which targets each target's inputs depend on.
+
+    Walks the model with "taints" (the sets of targets a tensor depends on)
+    in place of tensors: the layer order of a `Sequential`, the graph of a
+    functional model. Other layers that contain targets are opaque: their
+    targets depend on everything the layer's inputs depend on, and on each
+    other in call order (returned as `chains`).
+
+    Returns `(dependencies, chains)`: `dependencies` maps `id(target)` to a
+    set of target ids, `chains` is a list of lists of targets.
+    """
+    target_ids = {id(layer) for layer in targets}
+    dependencies = {id(layer): set() for layer in targets}
+    chains = []
+
+    def visit(operation, taint):
+        if id(operation) in target_ids:
+            dependencies[id(operation)].update(taint)
+            return taint | {id(operation)}
+        inner = [
+            layer
+            for layer in _normalization_layers(operation)
+            if id(layer) in target_ids and layer is not operation
+        ]
+        if not inner:
+            return taint
+        if _is_sequential(operation):
+            for layer in operation.layers:
+                taint = visit(layer, taint)
+            return taint
+        if _is_functional(operation):
+            return visit_graph(operation, taint)
+        for layer in inner:
+            dependencies[id(layer)].update(taint)
+        if len(inner) > 1:
+            chains.append(inner)
+        return taint | {id(layer) for layer in inner}
+
+    def visit_graph(model, taint):
+        # A tensor that the walk has not reached (a model input) depends on
+        # what the model's inputs depend on: `taint`.
+        taints = {}
+        nodes_by_depth = model._nodes_by_depth
+        for depth in sorted(nodes_by_depth, reverse=True):
+            for node in nodes_by_depth[depth]:
+                if node.operation is None or node.is_input:
+                    continue
+                upstream = set(taint)
+                for tensor in node.input_tensors:
+                    upstream |= taints.get(id(tensor), taint)
+                out = visit(node.operation, frozenset(upstream))
+                for tensor in node.outputs:
+                    taints[id(tensor)] = out
+        result = set(taint)
+        for tensor in model.outputs:
+            result |= taints.get(id(tensor), taint)
+        return frozenset(result)
+
+    visit(model, frozenset())
+    return dependencies, chains
+
+
+def _waves(targets, dependencies):
+    """Groups the targets into passes: a layer joins the first pass after
+    every target it depends on is done."""
+    done, waves = set(), []
+    remaining = list(targets)
+    while remaining:
+        wave = [
+            layer
+            for layer in remaining
+            if dependencies[id(layer)] - {id(layer)} <= done
+        ]
+        if not wave:
+            # A cycle through layers shared between call sites: there is no
+            # exact order; take them one at a time.
+            wave = remaining[:1]
+        done.update(id(layer) for layer in wave)
+        remaining = [layer for layer in remaining if id(layer) not in done]
+        waves.append(wave)
+    return waves
+
+
+# Reading the data.
+
+
+class _Batches:
+    """Iterates over the inputs `x` of `data`, `steps` batches per pass.
+
+    A generator or iterator is read once; while `keep` is set, its batches
+    are kept for the next passes.
+    """
+
+    def __init__(self, data, steps, batch_size):
+        self.steps = steps
+        self.keep = True
+        self._cache = []
+        self._iterator = None
+        if batch_size is not None and not isinstance(data, np.ndarray):
+            raise ValueError(
+                "Argument `batch_size` only applies to a NumPy array `data`; "
+                "a dataset or generator yields batches already. Received: "
+                f"batch_size={batch_size!r} with data of type "
+                f"{type(data).__name__}"
+            )
+        if isinstance(data, np.ndarray):
+            self._data = _array_batches(data, batch_size)
+            return
+        if data is None or isinstance(data, (str, bytes, dict)):
+            raise TypeError(
+                "Argument `data` must be a NumPy array, a tf.data.Dataset, "
+                "a generator or another iterable of batches. Received: "
+                f"data={data!r}"
+            )
+        if isinstance(data, tuple) and any(
+            isinstance(item, np.ndarray) for item in data
+        ):
+            raise TypeError(
+                "Argument `data` is a tuple of arrays: pass the input array "
+                "`x` alone (the targets are not needed), or a dataset or "
+                "generator of `(x, y)` batches. Received: data=a tuple of "
+                f"{len(data)} items"
+            )
+        _check_cardinality(data, steps)
+        if isinstance(data, keras.utils.PyDataset):
+            self._data = _Indexed(data)
+        elif isinstance(data, collections.abc.Iterator):
+            self._data = None
+            self._iterator = data
+        elif isinstance(data, collections.abc.Iterable) or hasattr(
+            data, "__getitem__"
+        ):
+            self._data = data
+        else:
+            raise TypeError(
+                "Argument `data` must be a NumPy array, a tf.data.Dataset, "
+                "a generator or another iterable of batches. Received: "
+                f"data of type {type(data).__name__}"
+            )
+
+    def __iter__(self):
+        count = 0
+        # islice stops before reading a batch beyond `steps`.
+        for element in itertools.islice(self._elements(), self.steps):
+            count += 1
+            yield _inputs_of(element)
+        if count == 0:
+            raise ValueError(
+                "Argument `data` yielded no batch. Received: an empty "
+                "dataset or an exhausted generator"
+            )
+
+    def _elements(self):
+        if self._data is not None:
+            yield from self._data
+            return
+        yield from self._cache
+        for element in self._iterator:
+            if self.keep:
+                self._cache.append(element)
+            yield element
+
+
+class _Indexed:
+    """The batches `data[0]` to `data[len(data) - 1]` of a `PyDataset`."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        for index in range(len(self.data)):
+            yield self.data[index]
+
+
+def _array_batches(array, batch_size):
+    if batch_size is None:
+        batch_size = _DEFAULT_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(
+        batch_size, (int, np.integer)
+    ):
+        raise TypeError(
+            "Argument `batch_size` must be a positive int. Received: "
+            f"batch_size={batch_size!r}"
+        )
+    if batch_size < 1:
+        raise ValueError(
+            "Argument `batch_size` must be a positive int. Received: "
+            f"batch_size={batch_size}"
+        )
+    if array.ndim == 0 or len(array) == 0:
+        raise ValueError(
+            "Argument `data` must hold at least one sample. Received: an "
+            f"array of shape {array.shape}"
+        )
+    return [
+        array[start : start + batch_size]
+        for start in range(0, len(array), batch_size)
+    ]
+
+
+def _check_steps(steps):
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(
+            "Argument `steps` must be None or a positive int. Received: "
+            f"steps={steps!r}"
+        )
+    if steps < 1:
+        raise ValueError(
+            "Argument `steps` must be None or a positive int. Received: "
+            f"steps={steps}"
+        )
+    return int(steps)
+
+
+def _check_cardinality(data, steps):
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(data, tf.data.Dataset):
+        return
+    if steps is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(
+            "Argument `data` is an infinite dataset: pass `steps`, the "
+            "number of batches to read. Received: steps=None"
+        )
+
+
+def _inputs_of(element):
+    try:
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(element)
+    except ValueError as error:
+        raise ValueError(
+            "Argument `data` must yield batches `x`, `(x,)`, `(x, y)` or "
+            f"`(x, y, sample_weight)`. {error}"
+        ) from None
+    # Batches of a tf.data.Dataset are TensorFlow tensors: other backends
+    # take them as NumPy arrays.
+    return keras.tree.map_structure(
+        lambda v: v if ops.is_tensor(v) else np.asarray(v), x
+    )
+
+
+def _inference():
+    """No autograd graph during the passes (PyTorch records one)."""
+    if backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def _run(model, batches):
+    with _inference():
+        for x in batches:
+            model(x, training=False)
+
+
+# Capturing what the layers normalize.
+
+
+@contextlib.contextmanager
+def _patched_call(layers, make_recorder):
+    """Replaces each layer's `call` by `make_recorder(layer, original)`.
+
+    `Layer.__call__` looks `self.call` up at every call (its signature was
+    read in the constructor), so an instance attribute intercepts the
+    layer's inputs and mask in any model, on every backend.
+    """
+    saved = []
+    try:
+        for layer in layers:
+            saved.append((layer, layer.__dict__.get("call")))
+            layer.call = make_recorder(layer, layer.call)
+        yield
+    finally:
+        for layer, previous in reversed(saved):
+            if previous is None:
+                del layer.call
+            else:
+                layer.call = previous
+
+
+def _call_order(model, targets, batches):
+    """The index of each target's first call on the first batch."""
+    order = {}
+
+    def make_recorder(layer, original):
+        def recorder(*args, **kwargs):
+            order.setdefault(id(layer), len(order))
+            return original(*args, **kwargs)
+
+        return recorder
+
+    with _patched_call(targets, make_recorder), _inference():
+        for x in batches:
+            model(x, training=False)
+            break
+    return order
+
+
+def _recording(layers, accumulators):
+    def make_recorder(layer, original):
+        def recorder(*args, **kwargs):
+            # The layer's own call first: it validates the mask.
+            outputs = original(*args, **kwargs)
+            inputs = args[0] if args else kwargs["inputs"]
+            values, keep = _normalized(layer, inputs, kwargs.get("mask"))
+            accumulators[id(layer)].add(values, keep)
+            return outputs
+
+        return recorder
+
+    return _patched_call(layers, make_recorder)
+
+
+def _normalized(layer, inputs, mask):
+    """What `layer` takes statistics of in training, and which positions.
+
+    Returns NumPy arrays `(values, keep)`: `values` of shape `(positions,
+    features)` in float64, `keep` None or a boolean array of that shape.
+    """
+    inputs = ops.cast(inputs, _stats.compute_dtype_for(inputs))
+    ndim = len(inputs.shape)
+    if isinstance(layer, CrossIterationBatchNormalization):
+        kernel = ops.cast(layer.layer.kernel, inputs.dtype)
+        inputs = _linear.apply(layer.layer, inputs, kernel)
+        feature_axes = (layer._channel_axis,)
+    elif isinstance(layer, BatchNormalization):
+        feature_axes = layer._feature_axes
+    else:
+        feature_axes = (layer.axis % ndim,)
+    values = np.asarray(ops.convert_to_numpy(inputs), np.float64)
+    keep = None
+    if mask is not None:
+        keep = np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            keep = keep[..., None]  # as Keras's layer expands its mask
+        else:
+            keep = np.expand_dims(keep, feature_axes)
+        keep = np.broadcast_to(keep, values.shape)
+    return _per_feature(values, feature_axes), (
+        None if keep is None else _per_feature(keep, feature_axes)
+    )
+
+
+def _per_feature(array, feature_axes):
+    """Moves the feature axes last, flattens to `(positions, features)`."""
+    k = len(feature_axes)
+    array = np.moveaxis(array, feature_axes, range(array.ndim - k, array.ndim))
+    features = math.prod(array.shape[array.ndim - k :])
+    return array.reshape(-1, features)
+
+
+class _Moments:
+    """Per-feature count, mean and sum of squared deviations, merged over
+    batches with Chan et al.'s pairwise update (exact, stable)."""
+
+    def __init__(self):
+        self.count = self.mean = self.m2 = None
+
+    def add(self, values, keep):
+        if keep is None:
+            count = np.full(values.shape[1], float(values.shape[0]))
+            mean = values.mean(axis=0)
+            m2 = np.square(values - mean).sum(axis=0)
+        else:
+            count = keep.sum(axis=0, dtype=np.float64)
+            # `where`, not a product: masked positions may hold inf or NaN.
+            total = np.where(keep, values, 0.0).sum(axis=0)
+            mean = total / np.maximum(count, 1.0)
+            m2 = np.square(np.where(keep, values - mean, 0.0)).sum(axis=0)
+        if self.count is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        merged = self.count + count
+        safe = np.maximum(merged, 1.0)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / safe)
+        self.m2 = self.m2 + m2 + np.square(delta) * (self.count * count / safe)
+        self.count = merged
+
+    def used(self):
+        return self.count is not None and bool(np.all(self.count > 0))
+
+    def positions(self):
+        return 0 if self.count is None else int(self.count.min())
+
+
+def _assign(layer, moments):
+    if moments.count is None:
+        return
+    count = moments.count
+    mean = moments.mean
+    variance = moments.m2 / np.maximum(count, 1.0)
+    values = {"moving_mean": mean, "moving_variance": variance}
+    if all(
+        getattr(layer, name, None) is not None
+        for name in ("moving_stddev", "renorm_mean", "renorm_stddev")
+    ):
+        stddev = np.sqrt(variance + layer.epsilon)
+        values.update(
+            moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev
+        )
+    for name, value in values.items():
+        variable = getattr(layer, name)
+        old = np.asarray(ops.convert_to_numpy(variable), np.float64)
+        new = np.where(count > 0, value, old.reshape(-1)).reshape(old.shape)
+        dtype = backend.standardize_dtype(variable.dtype)
+        if dtype != "float64":
+            new = new.astype(np.float32)
+        variable.assign(ops.cast(new, dtype))

@@ -1,0 +1,616 @@
+import doctest
+import importlib
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import keras_norms
+from keras_norms.utils import recompute_statistics
+from tests.helpers import BACKEND
+from tests.helpers import to_numpy
+
+ATOL = RTOL = 1e-5
+
+# One normalization layer of each kind (features on the last axis), and the
+# shape of its inputs.
+NORMS = {
+    "bn": lambda: keras_norms.BatchNormalization(name="norm"),
+    "brn": lambda: keras_norms.BatchRenormalization(name="norm"),
+    "keras_bn": lambda: keras.layers.BatchNormalization(name="norm"),
+    "keras_renorm": lambda: keras.layers.BatchNormalization(
+        renorm=True, name="norm"
+    ),
+    "cbn_dense": lambda: keras_norms.CBN(
+        keras.layers.Dense(3, use_bias=False), name="norm"
+    ),
+    "cbn_conv2d": lambda: keras_norms.CBN(
+        keras.layers.Conv2D(3, 3, use_bias=False), name="norm"
+    ),
+}
+SHAPES = {
+    "bn": (4, 3),
+    "brn": (4, 3),
+    "keras_bn": (4, 3),
+    "keras_renorm": (4, 3),
+    "cbn_dense": (5,),
+    "cbn_conv2d": (6, 6, 2),
+}
+
+
+def _inputs(shape, n=50, seed=0):
+    """Features with distinct, non-zero means and scales."""
+    rng = np.random.default_rng(seed)
+    loc = 3.0 + np.arange(shape[-1])
+    scale = 0.5 + np.arange(shape[-1])
+    return rng.normal(loc, scale, size=(n,) + shape).astype("float32")
+
+
+def _scramble(model):
+    """Far-off moving statistics (as after a bad moving average)."""
+    rng = np.random.default_rng(7)
+    for w in model.non_trainable_weights:
+        name = w.name
+        if name in ("moving_mean", "renorm_mean"):
+            w.assign(rng.normal(-5.0, 1.0, w.shape).astype("float32"))
+        elif name in ("moving_variance", "moving_stddev", "renorm_stddev"):
+            w.assign(rng.uniform(10.0, 20.0, w.shape).astype("float32"))
+
+
+def _source(kind, x, batch_size, y=None):
+    """`data` and keyword arguments for `recompute_statistics`."""
+    if kind == "numpy":
+        return x, {"batch_size": batch_size}
+    y = np.zeros(len(x), "float32") if y is None else y
+    if kind == "dataset":
+        tf = pytest.importorskip("tensorflow")
+        dataset = tf.data.Dataset.from_tensor_slices((x, y))
+        return dataset.batch(batch_size), {}
+
+    def generator():
+        for start in range(0, len(x), batch_size):
+            yield (x[start : start + batch_size],)
+
+    return generator(), {}
+
+
+def _normalized_numpy(model, x):
+    """What the single normalization layer of `model` normalizes."""
+    norm = model.get_layer("norm")
+    if isinstance(norm, keras_norms.CBN):
+        return to_numpy(norm.layer(x))  # the bias-free Dense/Conv alone
+    return x
+
+
+def _assert_statistics(layer, values, what):
+    """The layer's statistics are the mean and biased variance of `values`
+    over every axis but the last."""
+    values = np.asarray(values, np.float64).reshape(-1, values.shape[-1])
+    mean, var = values.mean(axis=0), values.var(axis=0)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), mean, rtol=RTOL, atol=ATOL, err_msg=what
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance),
+        var,
+        rtol=RTOL,
+        atol=ATOL,
+        err_msg=what,
+    )
+    if getattr(layer, "moving_stddev", None) is not None:
+        stddev = np.sqrt(var + layer.epsilon)
+        for name, expected in (
+            ("moving_stddev", stddev),
+            ("renorm_mean", mean),
+            ("renorm_stddev", stddev),
+        ):
+            np.testing.assert_allclose(
+                to_numpy(getattr(layer, name)),
+                expected,
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=f"{name}, {what}",
+            )
+
+
+def _single(kind):
+    model = keras.Sequential([keras.Input(SHAPES[kind]), NORMS[kind]()])
+    _scramble(model)
+    return model
+
+
+@pytest.mark.parametrize("batch_size", [7, 64])
+@pytest.mark.parametrize("source", ["numpy", "dataset", "generator"])
+@pytest.mark.parametrize("kind", list(NORMS))
+def test_population_statistics(kind, source, batch_size):
+    model = _single(kind)
+    x = _inputs(SHAPES[kind])
+    data, kwargs = _source(source, x, batch_size)
+    used = recompute_statistics(model, data, **kwargs)
+    values = _normalized_numpy(model, x)
+    positions = values.size // values.shape[-1]
+    assert used == {"norm": positions}
+    _assert_statistics(model.get_layer("norm"), values, f"{kind}, {source}")
+
+
+@pytest.mark.parametrize("source", ["numpy", "dataset", "generator"])
+@pytest.mark.parametrize("kind", ["bn", "cbn_conv2d"])
+def test_steps_limits_the_data(kind, source):
+    model = _single(kind)
+    x = _inputs(SHAPES[kind])
+    data, kwargs = _source(source, x, batch_size=8)
+    used = recompute_statistics(model, data, steps=3, **kwargs)
+    values = _normalized_numpy(model, x[:24])
+    assert used == {"norm": values.size // values.shape[-1]}
+    _assert_statistics(model.get_layer("norm"), values, f"{kind}, steps=3")
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, batch_size):
+        super().__init__()
+        self.x, self.batch_size = x, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        start = index * self.batch_size
+        return self.x[start : start + self.batch_size], None
+
+
+@pytest.mark.parametrize("source", ["list", "pydataset"])
+def test_other_iterables(source):
+    model = _single("bn")
+    x = _inputs(SHAPES["bn"], n=30)
+    if source == "list":
+        data = [(x[i : i + 8], None) for i in range(0, 30, 8)]
+    else:
+        data = _Batches(x, batch_size=8)
+    assert recompute_statistics(model, data) == {"norm": 30 * 4}
+    _assert_statistics(model.get_layer("norm"), x, source)
+
+
+def test_infinite_dataset_with_steps():
+    tf = pytest.importorskip("tensorflow")
+    model = _single("bn")
+    x = _inputs(SHAPES["bn"], n=40)
+    data = tf.data.Dataset.from_tensor_slices(x).batch(10).repeat()
+    recompute_statistics(model, data, steps=4)
+    _assert_statistics(model.get_layer("norm"), x, "repeat, steps=4")
+
+
+# Masks.
+
+MASKED_NORMS = {
+    "bn": lambda: keras_norms.BatchNormalization(axis=-1, name="norm"),
+    "brn": lambda: keras_norms.BatchRenormalization(axis=-1, name="norm"),
+    "keras_bn": lambda: keras.layers.BatchNormalization(axis=-1, name="norm"),
+    "cbn_dense": lambda: keras_norms.CBN(
+        keras.layers.Dense(3, use_bias=False), name="norm"
+    ),
+}
+
+
+def _tokens(batch=24, time=9, seed=0):
+    """Padded token sequences; one row is all padding."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 20, size=(batch, time))
+    lengths = rng.integers(1, time + 1, size=batch)
+    lengths[3] = 0
+    tokens[np.arange(time)[None, :] >= lengths[:, None]] = 0
+    return tokens.astype("int32")
+
+
+@pytest.mark.parametrize("source", ["numpy", "generator"])
+@pytest.mark.parametrize("kind", list(MASKED_NORMS))
+def test_masked_positions_are_excluded(kind, source):
+    tokens = _tokens()
+    embedding = keras.layers.Embedding(20, 4, mask_zero=True)
+    model = keras.Sequential(
+        [keras.Input((tokens.shape[1],), dtype="int32"), embedding]
+        + [MASKED_NORMS[kind]()]
+    )
+    _scramble(model)
+    data, kwargs = _source(source, tokens, batch_size=5)
+    used = recompute_statistics(model, data, **kwargs)
+    valid = to_numpy(embedding.embeddings)[tokens[tokens != 0]]
+    norm = model.get_layer("norm")
+    if kind == "cbn_dense":
+        valid = valid @ to_numpy(norm.layer.kernel)
+    assert used == {"norm": int((tokens != 0).sum())}
+    _assert_statistics(norm, valid, kind)
+
+
+def test_masking_layer():
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 1.5, size=(16, 7, 3)).astype("float32")
+    mask = rng.random((16, 7)) < 0.6
+    x[~mask] = 0.0
+    model = keras.Sequential(
+        [
+            keras.Input((7, 3)),
+            keras.layers.Masking(0.0),
+            keras_norms.BatchNormalization(name="norm"),
+        ]
+    )
+    _scramble(model)
+    recompute_statistics(model, x, batch_size=4)
+    _assert_statistics(model.get_layer("norm"), x[mask], "Masking")
+
+
+def test_recurrent_stack_with_mask():
+    tokens = _tokens(batch=16, time=7)
+    model = keras.Sequential(
+        [
+            keras.Input((7,), dtype="int32"),
+            keras.layers.Embedding(20, 4, mask_zero=True),
+            keras.layers.GRU(5, return_sequences=True),
+            keras_norms.BatchNormalization(name="norm1"),
+            keras.layers.GRU(3, return_sequences=True),
+            keras_norms.CBN(keras.layers.Dense(3, use_bias=False), name="cbn"),
+        ]
+    )
+    _scramble(model)
+    used = recompute_statistics(model, tokens, batch_size=8)
+    valid = tokens != 0
+    assert used == {"norm1": valid.sum(), "cbn": valid.sum()}
+    # Inputs at inference, with norm1's new statistics.
+    inputs = model.layers[0].input
+    gru1 = keras.Model(inputs, model.layers[1].output)(tokens)
+    gru2 = keras.Model(inputs, model.layers[3].output)(tokens)
+    _assert_statistics(model.layers[2], to_numpy(gru1)[valid], "norm1")
+    cbn = model.layers[4]
+    values = to_numpy(gru2)[valid] @ to_numpy(cbn.layer.kernel)
+    _assert_statistics(cbn, values, "cbn")
+
+
+def test_layer_that_sees_no_position_keeps_its_statistics():
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(10, 3, mask_zero=True),
+            keras_norms.BatchNormalization(name="norm"),
+        ]
+    )
+    _scramble(model)
+    before = [to_numpy(w) for w in model.weights]
+    with pytest.warns(UserWarning, match="'norm'"):
+        used = recompute_statistics(model, np.zeros((6, 5), "int32"))
+    assert used == {"norm": 0}
+    for old, w in zip(before, model.weights):
+        np.testing.assert_array_equal(to_numpy(w), old, err_msg=w.name)
+
+
+# Order: each layer sees its inputs as at inference, upstream layers done.
+
+
+class _CountingData:
+    """An iterable of batches that counts the passes over it."""
+
+    def __init__(self, x, batch_size):
+        self.batches = [
+            x[i : i + batch_size] for i in range(0, len(x), batch_size)
+        ]
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def _forward(x, dense, norm):
+    """NumPy inference of Dense then a normalization layer, float64."""
+    h = x.astype(np.float64) @ to_numpy(dense.kernel) + to_numpy(dense.bias)
+    mean = to_numpy(norm.moving_mean)
+    var = to_numpy(norm.moving_variance)
+    return (h - mean) / np.sqrt(var + norm.epsilon) * to_numpy(
+        norm.gamma
+    ) + to_numpy(norm.beta)
+
+
+def _gamma():
+    return keras.initializers.RandomUniform(0.5, 1.5)
+
+
+STACK_NORMS = {
+    "bn": keras_norms.BatchNormalization,
+    "brn": keras_norms.BatchRenormalization,
+    "keras_bn": keras.layers.BatchNormalization,
+}
+
+
+@pytest.mark.parametrize("source", ["numpy", "generator"])
+@pytest.mark.parametrize("kind", list(STACK_NORMS))
+def test_stack_uses_new_upstream_statistics(kind, source):
+    cls = STACK_NORMS[kind]
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, name="dense1"),
+            cls(name="norm1", gamma_initializer=_gamma()),
+            keras.layers.ReLU(),
+            keras.layers.Dense(4, name="dense2"),
+            cls(name="norm2", beta_initializer="random_normal"),
+        ]
+    )
+    _scramble(model)
+    x = _inputs((6,), n=60)
+    dense1, norm1 = model.get_layer("dense1"), model.get_layer("norm1")
+    dense2, norm2 = model.get_layer("dense2"), model.get_layer("norm2")
+    stale = np.maximum(_forward(x, dense1, norm1), 0.0)  # old norm1
+
+    data, kwargs = _source(source, x, batch_size=8)
+    used = recompute_statistics(model, data, **kwargs)
+    assert used == {"norm1": 60, "norm2": 60}
+
+    h1 = x.astype(np.float64) @ to_numpy(dense1.kernel) + to_numpy(dense1.bias)
+    _assert_statistics(norm1, h1, "first layer")
+    a1 = np.maximum(_forward(x, dense1, norm1), 0.0)  # new norm1
+    h2 = a1 @ to_numpy(dense2.kernel) + to_numpy(dense2.bias)
+    _assert_statistics(norm2, h2, "second layer")
+    # The order matters: with norm1's old statistics, norm2's would differ.
+    h2_stale = stale @ to_numpy(dense2.kernel) + to_numpy(dense2.bias)
+    assert np.abs(h2_stale.mean(axis=0) - h2.mean(axis=0)).max() > 0.3
+
+
+def _branches():
+    """Two parallel normalized branches, a normalization after them, and
+    a nested Sequential block in front."""
+    inputs = keras.Input((6,))
+    block = keras.Sequential(
+        [keras.layers.Dense(6), keras_norms.BatchNormalization(name="first")]
+    )
+    h = block(inputs)
+    a = keras_norms.BatchNormalization(name="left")(keras.layers.Dense(4)(h))
+    b = keras.layers.BatchNormalization(name="right")(keras.layers.Dense(4)(h))
+    c = keras.layers.Concatenate()([a, b])
+    out = keras_norms.BatchRenormalization(name="last")(c)
+    return keras.Model(inputs, out), c
+
+
+def test_functional_model_needs_one_pass_per_wave():
+    model, concatenated = _branches()
+    _scramble(model)
+    x = _inputs((6,), n=40)
+    data = _CountingData(x, batch_size=8)
+    used = recompute_statistics(model, data)
+    # Waves: [first], [left, right], [last].
+    assert data.passes == 3
+    assert used == {"first": 40, "left": 40, "right": 40, "last": 40}
+    # `last` sees what inference gives it now.
+    probe = keras.Model(model.input, concatenated)
+    c = to_numpy(probe(x, training=False))
+    _assert_statistics(model.get_layer("last"), c, "last")
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        # Created in the reverse of the order in which they are called.
+        self.norm2 = keras_norms.BatchNormalization(name="norm2")
+        self.dense2 = keras.layers.Dense(4, name="dense2")
+        self.norm1 = keras_norms.BatchNormalization(
+            name="norm1", gamma_initializer=_gamma()
+        )
+        self.dense1 = keras.layers.Dense(5, name="dense1")
+
+    def call(self, x, training=None):
+        h = self.norm1(self.dense1(x), training=training)
+        return self.norm2(self.dense2(keras.ops.relu(h)), training=training)
+
+
+def test_subclassed_model_in_call_order():
+    model = _Subclassed()
+    x = _inputs((6,), n=30)
+    model(x[:2])
+    _scramble(model)
+    data = _CountingData(x, batch_size=8)
+    recompute_statistics(model, data)
+    assert data.passes == 3  # a first batch gives the order; 2 layers
+    h1 = x.astype(np.float64) @ to_numpy(model.dense1.kernel)
+    h1 = h1 + to_numpy(model.dense1.bias)
+    _assert_statistics(model.norm1, h1, "norm1")
+    a1 = np.maximum(_forward(x, model.dense1, model.norm1), 0.0)
+    h2 = a1 @ to_numpy(model.dense2.kernel) + to_numpy(model.dense2.bias)
+    _assert_statistics(model.norm2, h2, "norm2")
+
+
+# What changes and what does not.
+
+
+def _mixed_model():
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras_norms.CBN(
+                keras.layers.Conv2D(4, 3, use_bias=False),
+                window_size=3,
+                name="cbn",
+            ),
+            keras.layers.ReLU(),
+            keras_norms.BatchRenormalization(name="brn"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(renorm=True, name="keras_bn"),
+            keras.layers.Dense(3),
+            keras_norms.BatchNormalization(name="bn"),
+        ]
+    )
+
+
+STATISTICS = {
+    "moving_mean",
+    "moving_variance",
+    "moving_stddev",
+    "renorm_mean",
+    "renorm_stddev",
+}
+
+
+def test_nothing_else_changes():
+    model = _mixed_model()
+    _scramble(model)
+    x = _inputs((6, 6, 2), n=16)
+    model.get_layer("brn").trainable = False  # frozen: still recomputed
+    before = {w.path: to_numpy(w) for w in model.weights}
+    used = recompute_statistics(model, x, batch_size=5)
+    assert list(used) == ["cbn", "brn", "keras_bn", "bn"]
+    assert used["cbn"] == 16 * 4 * 4
+    for w in model.weights:
+        if w.name in STATISTICS:
+            assert not np.allclose(to_numpy(w), before[w.path]), w.path
+        else:
+            np.testing.assert_array_equal(
+                to_numpy(w), before[w.path], err_msg=w.path
+            )
+
+
+@pytest.mark.parametrize("by", ["name", "layer"])
+def test_layers_restricts(by):
+    model = _mixed_model()
+    _scramble(model)
+    before = {w.path: to_numpy(w) for w in model.weights}
+    chosen = ["brn", "bn"]
+    layers = chosen if by == "name" else [model.get_layer(n) for n in chosen]
+    used = recompute_statistics(model, _inputs((6, 6, 2), n=10), layers=layers)
+    assert list(used) == chosen
+    for name in ("cbn", "keras_bn"):
+        for w in model.get_layer(name).weights:
+            np.testing.assert_array_equal(to_numpy(w), before[w.path])
+    assert not np.allclose(
+        to_numpy(model.get_layer("bn").moving_mean),
+        before[model.get_layer("bn").moving_mean.path],
+    )
+
+
+def test_call_is_restored_after_an_error():
+    model = _single("bn")
+    norm = model.get_layer("norm")
+    bad = np.zeros((4, 4, 5), "float32")  # wrong feature size
+    with pytest.raises(ValueError):
+        recompute_statistics(model, bad)
+    assert "call" not in vars(norm)
+    x = _inputs(SHAPES["bn"], n=8)
+    recompute_statistics(model, x)
+    _assert_statistics(norm, x, "after an error")
+
+
+# Bad arguments.
+
+
+def _bad_calls():
+    x = _inputs(SHAPES["bn"], n=8)
+    y = np.zeros(8, "float32")
+    return {
+        "model_not_a_layer": (("model", x), {}, TypeError, "model"),
+        "model_without_norm": (
+            (keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), x),
+            {},
+            ValueError,
+            "model",
+        ),
+        "data_none": ((None, None), {}, TypeError, "data"),
+        "data_string": ((None, "data.npy"), {}, TypeError, "data"),
+        "data_int": ((None, 5), {}, TypeError, "data"),
+        "data_tuple_of_arrays": ((None, (x, y)), {}, TypeError, "data"),
+        "data_empty_array": ((None, x[:0]), {}, ValueError, "data"),
+        "data_empty_iterator": ((None, iter([])), {}, ValueError, "data"),
+        "data_4_tuples": (
+            (None, [(x, y, y, y)]),
+            {},
+            ValueError,
+            "data",
+        ),
+        "steps_zero": ((None, x), {"steps": 0}, ValueError, "steps"),
+        "steps_float": ((None, x), {"steps": 1.5}, TypeError, "steps"),
+        "steps_bool": ((None, x), {"steps": True}, TypeError, "steps"),
+        "batch_size_zero": ((None, x), {"batch_size": 0}, ValueError, "bat"),
+        "batch_size_with_iterable": (
+            (None, [x]),
+            {"batch_size": 4},
+            ValueError,
+            "batch_size",
+        ),
+        "layers_string": ((None, x), {"layers": "norm"}, TypeError, "layers"),
+        "layers_empty": ((None, x), {"layers": []}, ValueError, "layers"),
+        "layers_unknown_name": (
+            (None, x),
+            {"layers": ["nope"]},
+            ValueError,
+            "layers",
+        ),
+        "layers_foreign_layer": (
+            (None, x),
+            {"layers": [keras_norms.BatchNormalization()]},
+            ValueError,
+            "layers",
+        ),
+        "layers_int": ((None, x), {"layers": [3]}, TypeError, "layers"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_arguments(case):
+    (model, data), kwargs, error, needle = _bad_calls()[case]
+    model = _single("bn") if model is None else model
+    with pytest.raises(error, match=f"`{needle}"):
+        recompute_statistics(model, data, **kwargs)
+
+
+def test_infinite_dataset_needs_steps():
+    tf = pytest.importorskip("tensorflow")
+    data = tf.data.Dataset.from_tensor_slices(_inputs((4, 3), n=8)).repeat()
+    with pytest.raises(ValueError, match="`steps`"):
+        recompute_statistics(_single("bn"), data.batch(4))
+
+
+# Use case: tiny training batches.
+
+
+def test_digits_accuracy_after_tiny_batches():
+    """Batch size 2 and momentum 0.9: the moving averages follow the last
+    ~10 batches of 2 samples, a noisy estimate of the population (and of
+    its variance, biased by 1/2 at that batch size)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype("float32")
+    y = digits.target.astype("int32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.25, random_state=0, stratify=y
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(64, use_bias=False),
+            keras_norms.BatchNormalization(momentum=0.9),
+            keras.layers.ReLU(),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        keras.optimizers.SGD(0.01),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    start = time.perf_counter()
+    model.fit(x_train, y_train, batch_size=2, epochs=2, verbose=0)
+    trained = time.perf_counter() - start
+    _, before = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+    recompute_statistics(model, x_train, batch_size=256)
+    _, after = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+    print(
+        f"digits, batch size 2, {BACKEND}: test accuracy {before:.4f} with "
+        f"the moving averages, {after:.4f} with recomputed statistics "
+        f"(training {trained:.1f} s)"
+    )
+    assert after >= before - 0.01
+
+
+def test_docstring_example():
+    module = importlib.import_module("keras_norms.utils.recompute_statistics")
+    result = doctest.testmod(module)
+    assert result.attempted > 0
+    assert result.failed == 0
