@@ -380,3 +380,62 @@ def fused_batch_norm(inputs, scale, offset, epsilon):
     n = tf.cast(tf.size(inputs) // channels, variance.dtype)
     variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
     return outputs, mean, variance
+
+
+def fused_renormalization(inputs, correct, scale, offset, epsilon):
+    """Training-mode renormalization with TensorFlow's fused kernels.
+
+    `outputs = x_hat * (scale * r) + (scale * d + offset)` where `x_hat` is
+    the batch-normalized input and `(r, d) = correct(mean, variance)` are
+    constants computed from the batch moments (`correct` may update
+    statistics). The forward pass is the fused kernel (giving `x_hat`) and
+    one affine pass; the gradient is the fused kernel's gradient at scale
+    `scale * r`, whose by-products `sum(dy * x_hat)` and `sum(dy)` give the
+    gradients of `scale` and `offset`: no extra reduction over the batch.
+    `scale`/`offset` may be None. Returns the outputs.
+    """
+    import tensorflow as tf
+
+    channels = inputs.shape[-1]
+    data_format = _FUSED_FORMATS[len(inputs.shape)]
+    ones = tf.ones((channels,), inputs.dtype)
+    x_hat, mean, variance, *saved = tf.raw_ops.FusedBatchNormV3(
+        x=tf.stop_gradient(inputs),
+        scale=ones,
+        offset=tf.zeros((channels,), inputs.dtype),
+        mean=tf.zeros((0,), inputs.dtype),
+        variance=tf.zeros((0,), inputs.dtype),
+        epsilon=epsilon,
+        data_format=data_format,
+        is_training=True,
+    )
+    n = tf.cast(tf.size(inputs) // channels, variance.dtype)
+    variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
+    r, d = (tf.stop_gradient(c) for c in correct(mean, variance))
+
+    @tf.custom_gradient
+    def affine(inputs, scale, offset):
+        total_scale = scale * r
+        outputs = x_hat * total_scale + (scale * d + offset)
+
+        def grad(dy):
+            dx, d_total_scale, d_offset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy,
+                x=inputs,
+                scale=total_scale,
+                reserve_space_1=saved[0],
+                reserve_space_2=saved[1],
+                reserve_space_3=saved[2],
+                epsilon=epsilon,
+                data_format=data_format,
+                is_training=True,
+            )
+            return dx, d_total_scale * r + d_offset * d, d_offset
+
+        return outputs, grad
+
+    return affine(
+        inputs,
+        ones if scale is None else scale,
+        tf.zeros_like(ones) if offset is None else offset,
+    )

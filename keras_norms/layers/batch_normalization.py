@@ -207,14 +207,13 @@ class BatchNormalization(NormalizationParameters, Layer):
                     inputs, gamma, beta, self.epsilon
                 )
                 self.update_statistics(mean, variance, None)
-            else:  # r and d need the moments: the kernel gives x_hat first
-                outputs, mean, variance = _stats.fused_batch_norm(
-                    inputs, None, None, self.epsilon
-                )
-                correction = self.update_statistics(mean, variance, None)
-                gamma, beta = _stats.compose(*correction, gamma, beta)
-                outputs = _stats.affine(
-                    outputs, gamma, beta, self._broadcast_shape
+            else:  # r and d need the moments: applied after the kernel
+                outputs = _stats.fused_renormalization(
+                    inputs,
+                    lambda m, v: self.update_statistics(m, v, None),
+                    gamma,
+                    beta,
+                    self.epsilon,
                 )
         else:
             mean, variance, count = _stats.moments(
