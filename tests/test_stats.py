@@ -113,7 +113,9 @@ def test_normalize_is_the_affine_batch_norm():
     np.testing.assert_allclose(to_numpy(got), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(4, 5, 6, 3), (2, 3, 4, 5, 3)])
+@pytest.mark.parametrize(
+    "shape", [(6, 4), (3, 5, 4), (4, 5, 6, 3), (2, 3, 4, 5, 3)]
+)
 @pytest.mark.parametrize(
     "make",
     [
@@ -126,10 +128,10 @@ def test_normalize_is_the_affine_batch_norm():
     ids=["bn", "bn_plain", "brn"],
 )
 def test_fused_path_equals_general_path(make, shape, monkeypatch):
-    """On TensorFlow, 4-D/5-D channels-last inputs take the fused kernel;
-    elsewhere (and here, with it switched off) the general path runs. The
-    two sum in different orders, so results agree to 1e-5 of each array's
-    largest entry."""
+    """On TensorFlow, float32 inputs with the features last and no mask
+    take the fused kernel; elsewhere (and here, with it switched off) the
+    general path runs. The two sum in different orders, so results agree to
+    1e-5 of each array's largest entry."""
     fast, general = make(), make()
     fast.build(shape)
     general.build(shape)
@@ -164,20 +166,66 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
     assert fused_calls and all(fused_calls) == (BACKEND == "tensorflow")
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernel")
-@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
-def test_fusing_around_the_kernel_is_skipped_under_xla(jit_compile):
-    """BatchRenormalization's fused path adds an affine pass after the
-    kernel, which only pays without XLA; BatchNormalization's does not."""
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernels")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras_norms.BatchNormalization(momentum=0.5),
+        lambda: keras_norms.BatchRenormalization(
+            rmax=1.2, dmax=0.3, renorm_momentum=0.5, momentum=0.5
+        ),
+    ],
+    ids=["bn", "brn"],
+)
+def test_xla_compiled_training_equals_eager_general_path(make, monkeypatch):
+    """Under XLA (`jit_compile=True`) the layers take the general path on
+    `(positions, features)`, never the fused kernel (XLA would rewrite it
+    with a one-pass variance); compiled equals eager."""
     import tensorflow as tf
 
-    seen = {}
+    shape = (8, 6, 6, 5)
+    rng = np.random.default_rng(0)
+    # |mean| >> std: a one-pass variance would be off by ~1e-3 here.
+    x = rng.normal(100.0, 1.0, size=shape).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    fast, general = make(), make()
+    for layer in (fast, general):
+        layer.build(shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 5))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5))
+        if isinstance(layer, keras_norms.BatchRenormalization):
+            layer.renorm_mean.assign(np.full(5, 0.8))  # r and d clip
+            layer.renorm_stddev.assign(np.full(5, 1.5))
 
-    @tf.function(jit_compile=jit_compile)
-    def probe(x):
-        seen["bn"] = _stats.can_fuse(x, (3,), False)
-        seen["brn"] = _stats.can_fuse(x, (3,), False, under_xla=False)
-        return x
+    fused_calls = []
+    real_can_fuse = _stats.can_fuse
 
-    probe(tf.zeros((2, 3, 3, 4)))
-    assert seen == {"bn": True, "brn": not jit_compile}
+    def spy(*args, **kwargs):
+        fused_calls.append(real_can_fuse(*args, **kwargs))
+        return fused_calls[-1]
+
+    monkeypatch.setattr(_stats, "can_fuse", spy)
+
+    @tf.function(jit_compile=True)
+    def compiled(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fast(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        return [y] + tape.gradient(loss, [x] + fast.trainable_variables)
+
+    y1, dx1, *g1 = [o.numpy() for o in compiled(tf.constant(x))]
+    assert fused_calls == [False]
+    monkeypatch.setattr(_stats, "can_fuse", lambda *a, **k: False)
+    y2, dx2, g2 = train_call(general, x, dy)
+    # The statistics and outputs to 1e-5 (a one-pass variance would miss).
+    assert_close_to_reference(y1, y2, "outputs")
+    for w1, w2 in zip(
+        fast.non_trainable_weights, general.non_trainable_weights
+    ):
+        assert_close_to_reference(to_numpy(w1), to_numpy(w2), w1.name)
+    # Gradients sum terms of size |mean| / std = 100 that cancel: float32
+    # in two summation orders agrees to ~1e-4 there.
+    assert_close_to_reference(dx1, dx2, "input gradient", rtol=1e-3)
+    for w, g in zip(fast.trainable_weights, g1):
+        assert_close_to_reference(g, g2[w.name], w.name, rtol=1e-3)

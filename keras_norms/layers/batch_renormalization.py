@@ -106,9 +106,8 @@ class BatchRenormalization(BatchNormalization):
     >>> # model.fit(x, y, batch_size=4, callbacks=[warmup])
     """
 
-    # With TensorFlow's fused kernel (channels-last 4-D/5-D, no mask, not
-    # under XLA, where it costs more than the general path), r and d are
-    # applied to the kernel's x_hat.
+    # With TensorFlow's fused kernel (features last, no mask), r and d are
+    # applied to the kernel's x_hat, with the kernel's gradient.
     _renormalizes = True
 
     def __init__(
