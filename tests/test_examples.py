@@ -71,3 +71,31 @@ def test_small_batch_study_quick_writes_table_and_plot(tmp_path):
     assert len(rows) == 3, result.stdout  # batch 4, batch 16, non-i.i.d.
     assert re.search(r"\[  9/9\] CBN batch  16 2 cls", result.stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digits_inference_example_recomputes_folds_and_exports():
+    result = run_script(
+        "examples/digits_inference.py",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--layers",
+        "bn,cbn",
+    )
+    rows = re.findall(
+        r"^(bn|cbn) +0 +(\d\.\d+) +(\d\.\d+) +(\S+) +(\d+)-> *(\d+) +(\d+)",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert [r[0] for r in rows] == ["bn", "cbn"], result.stdout
+    for name, before, after, fold, n_in, n_out, kept in rows:
+        assert float(before) > 0.3 and float(after) > 0.3, result.stdout
+        assert float(fold) <= 1e-5, result.stdout
+        # BN layers disappear; a CBN becomes the linear layer it wraps.
+        removed = 3 if name == "bn" else 0
+        assert int(n_out) == int(n_in) - removed, result.stdout
+        assert int(kept) == 0, result.stdout
+    assert ".keras 0.0e+00" in result.stdout

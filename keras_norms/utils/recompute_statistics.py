@@ -62,6 +62,14 @@ def recompute_statistics(
     standard deviation, so that further training starts from them. Nothing
     else changes: no trainable weight, step counter or CBN buffer.
 
+    Population statistics are not always what a network expects: a
+    `BatchRenormalization` layer trained with a handful of values per
+    feature and step (e.g. after a `Dense` layer at batch size 2) keeps
+    running standard deviations well below the population's, and trains
+    the layers after it against them; recomputing then changes their
+    inputs' scale and can cost accuracy. Compare held-out accuracy before
+    and after.
+
     Args:
         model: A `keras.Model` (or layer), built or not.
         data: The inputs to average over: a NumPy array (read in batches of
