@@ -371,6 +371,14 @@ def _in_xla_compilation():
         return True
 
 
+def _biased(variance, inputs):
+    """The biased variance from the kernel's Bessel-corrected one."""
+    import tensorflow as tf
+
+    n = tf.cast(tf.size(inputs) // inputs.shape[-1], variance.dtype)
+    return variance * ((n - 1.0) / tf.maximum(n, 1.0))
+
+
 def fused_batch_norm(inputs, scale, offset, epsilon):
     """Training-mode `tf.compat.v1.nn.fused_batch_norm` (features last).
 
@@ -392,8 +400,7 @@ def fused_batch_norm(inputs, scale, offset, epsilon):
         data_format="NHWC",
         is_training=True,
     )
-    n = tf.cast(tf.size(inputs) // channels, variance.dtype)
-    variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
+    variance = _biased(variance, inputs)
     return tf.reshape(outputs, tf.shape(inputs)), mean, variance
 
 
@@ -425,9 +432,9 @@ def fused_renormalization(inputs, correct, scale, offset, epsilon):
         data_format="NHWC",
         is_training=True,
     )
-    n = tf.cast(tf.size(inputs) // channels, variance.dtype)
-    variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
-    r, d = (tf.stop_gradient(c) for c in correct(mean, variance))
+    r, d = (
+        tf.stop_gradient(c) for c in correct(mean, _biased(variance, inputs))
+    )
 
     @tf.custom_gradient
     def affine(inputs, scale, offset):

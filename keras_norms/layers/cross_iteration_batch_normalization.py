@@ -301,18 +301,16 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         all are over the global batch, from one all-reduce of the replicas'
         sums.
         """
-        weights = None if mask is None else ops.cast(mask, outputs.dtype)
-        window = self.window_size > 1
+        sums = ()
+        if self.window_size > 1:  # d mu / d W and d nu / d W are sums / count
+            sums = _linear.statistic_gradients(
+                self.layer,
+                ops.stop_gradient(inputs),
+                ops.stop_gradient(outputs),
+                None if mask is None else ops.cast(mask, outputs.dtype),
+                ops.ones((), outputs.dtype),
+            )
         if self.synchronized or _stats.global_batch_program():
-            sums = ()
-            if window:  # d mu / d W and d nu / d W are sums / count
-                sums = _linear.statistic_gradients(
-                    self.layer,
-                    ops.stop_gradient(inputs),
-                    ops.stop_gradient(outputs),
-                    weights,
-                    ops.ones((), outputs.dtype),
-                )
             mean, variance, total, sums = _stats.synchronized_moments(
                 outputs,
                 self._reduction_axes,
@@ -320,28 +318,20 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 shift=ops.cast(self.moving_mean, outputs.dtype),
                 sums=sums,
             )
-            safe = ops.maximum(total, 1.0)
-            dmu, dnu = (s / safe for s in sums) if window else (None, None)
-            return mean, variance, total if mask is not None else None, dmu, dnu
-
-        mean, variance, count = _stats.moments(
-            outputs, self._reduction_axes, mask
-        )
-        if not window:
-            return mean, variance, count, None, None
-        total = count
-        if mask is None:
-            total = ops.cast(
-                ops.size(outputs) // outputs.shape[self._channel_axis],
-                outputs.dtype,
+            count = None if mask is None else total
+        else:
+            mean, variance, count = _stats.moments(
+                outputs, self._reduction_axes, mask
             )
-        dmu, dnu = _linear.statistic_gradients(
-            self.layer,
-            ops.stop_gradient(inputs),
-            ops.stop_gradient(outputs),
-            weights,
-            ops.maximum(total, 1.0),
-        )
+            total = count
+            if mask is None:
+                total = ops.cast(
+                    ops.size(outputs) // outputs.shape[self._channel_axis],
+                    outputs.dtype,
+                )
+        if not sums:
+            return mean, variance, count, None, None
+        dmu, dnu = (s / ops.maximum(total, 1.0) for s in sums)
         return mean, variance, count, dmu, dnu
 
     def _push(self, kernel, mean, variance, dmu, dnu, count, step):
