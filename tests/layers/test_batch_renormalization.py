@@ -4,7 +4,6 @@ import pytest
 
 import keras_norms
 from tests import references
-from tests.helpers import assert_close
 from tests.helpers import assert_close_to_reference
 from tests.helpers import assert_config_round_trip
 from tests.helpers import assert_trains_alike
@@ -53,7 +52,13 @@ def test_trains_like_keras_renorm(shape, masked, rmax, dmax):
     mask = random_mask(shape, (len(shape) - 1,)) if masked else None
     assert_trains_alike(ours, theirs, _batches(shape, steps=5), mask, STATS)
     x, _ = next(_batches(shape, 1, seed=3))
-    assert_close(to_numpy(ours(x)), to_numpy(theirs(x)), "inference")
+    # Keras computes `(x - mean) * inv * gamma + beta`, keras_norms
+    # `x * scale + shift`: outputs near zero are differences of terms as
+    # large as the largest output, so they agree to 1e-5 of that (seen on
+    # PyTorch: 1.4e-6 on 0.0297 where the largest output is 7.5).
+    assert_close_to_reference(
+        to_numpy(ours(x)), to_numpy(theirs(x)), "inference"
+    )
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
