@@ -5,8 +5,11 @@ small model per candidate; for each comparison it warms the two models up,
 then times them alternately (A B A B ...), so that both see the same
 machine state, and reports the median time of a compiled train step
 (forward, backward, state updates, SGD update) or of an inference step, as
-the ratio candidate / baseline. Inputs are backend tensors made once.
-Peak memory is reported where the backend exposes it (not on CPU).
+the ratio candidate / baseline. Each comparison is timed in `--repeats`
+blocks of `--rounds` alternations; the ratio printed is the median of the
+blocks' ratios, with their range, which shows the run-to-run noise. Inputs
+are backend tensors made once. Peak memory is reported where the backend
+exposes it (not on CPU).
 
     python benchmarks/run.py                      # TensorFlow, full sizes
     KERAS_BACKEND=jax python benchmarks/run.py --json results.json
@@ -111,7 +114,7 @@ def time_alternating(fns, rounds, warmup):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def run_case(case, shape, masked, jit_compile, rounds, warmup):
+def run_case(case, shape, masked, jit_compile, rounds, warmup, repeats):
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 2.0, size=shape).astype("float32")
     inputs = [x]
@@ -144,12 +147,15 @@ def run_case(case, shape, masked, jit_compile, rounds, warmup):
     # Each comparison alternates its own two models (A B A B ...): with
     # more models in the rotation, each step would also pay for the cache
     # and allocator state the others leave behind.
-    seconds = {}
+    blocks = {}
     for label, kind, cand, base, _ in RATIOS:
         if cand in models:
             pair = {name: steps[kind][name] for name in (cand, base)}
-            seconds[label] = time_alternating(pair, rounds, warmup)
-    return seconds
+            blocks[label] = [
+                time_alternating(pair, rounds, warmup if i == 0 else 0)
+                for i in range(repeats)
+            ]
+    return blocks
 
 
 RATIOS = [
@@ -168,12 +174,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="smoke sizes")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="blocks per comparison"
+    )
     parser.add_argument("--cases", default=",".join(FULL))
     parser.add_argument("--jit", default="off,on", help="off, on or both")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else FULL
-    rounds = args.rounds or (3 if args.tiny else 20)
+    rounds = args.rounds or (3 if args.tiny else 40)
+    repeats = args.repeats or (1 if args.tiny else 3)
     warmup = 2 if args.tiny else 5
     results = {
         "backend": keras.backend.backend(),
@@ -182,18 +192,25 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d"),
         "peak_memory": "not exposed by the backend on CPU",
         "rounds": rounds,
+        "repeats": repeats,
         "cases": [],
     }
     print(
         f"backend {results['backend']}, keras {results['keras']}, "
-        f"{results['machine']}, median of {rounds} alternating steps"
+        f"{results['machine']}, {repeats} blocks of {rounds} alternating "
+        "steps: median of the blocks' ratios [range]"
     )
-    header = f"{'case':10s} {'jit':4s} {'comparison':30s} {'ratio':>6s}  target"
+    header = (
+        f"{'case':10s} {'jit':4s} {'comparison':30s} {'ratio':>6s} "
+        f"{'[range]':13s} target"
+    )
     print(header)
     for case in args.cases.split(","):
         shape, masked = sizes[case]
         for jit in args.jit.split(","):
-            seconds = run_case(case, shape, masked, jit == "on", rounds, warmup)
+            blocks = run_case(
+                case, shape, masked, jit == "on", rounds, warmup, repeats
+            )
             entry = {
                 "case": case,
                 "shape": list(shape),
@@ -202,21 +219,26 @@ def main(argv=None):
                 "ratios": {},
             }
             for label, kind, cand, base, target in RATIOS:
-                if label not in seconds:
+                if label not in blocks:
                     continue
                 if label == "train kn_bn / keras_bn":
                     target = 0.8 if case == "4d_nhwc" else 1.0
-                times = seconds[label]
-                ratio = times[cand] / times[base]
+                ratios = [b[cand] / b[base] for b in blocks[label]]
+                ratio = float(np.median(ratios))
                 entry["ratios"][label] = {
                     "ratio": ratio,
+                    "block_ratios": ratios,
                     "target": target,
-                    "seconds": times,
+                    "seconds": {
+                        name: float(np.median([b[name] for b in blocks[label]]))
+                        for name in (cand, base)
+                    },
                 }
                 mark = "ok" if ratio <= target else "MISSED"
+                spread = f"[{min(ratios):.2f}, {max(ratios):.2f}]"
                 print(
-                    f"{case:10s} {jit:4s} {label:30s} {ratio:6.2f}  "
-                    f"<= {target:.2f} {mark}"
+                    f"{case:10s} {jit:4s} {label:30s} {ratio:6.2f} "
+                    f"{spread:13s} <= {target:.2f} {mark}"
                 )
             results["cases"].append(entry)
     if args.json:

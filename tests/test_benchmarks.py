@@ -15,6 +15,8 @@ def test_harness_runs_and_reports(tmp_path):
         "--tiny",
         "--rounds",
         "1",
+        "--repeats",
+        "2",
         "--jit",
         "off",
         "--json",
@@ -27,6 +29,7 @@ def test_harness_runs_and_reports(tmp_path):
         assert "train kn_brn / kn_bn" in entry["ratios"]
         for ratio in entry["ratios"].values():
             assert ratio["ratio"] > 0
+            assert len(ratio["block_ratios"]) == report["repeats"]
             assert all(t > 0 for t in ratio["seconds"].values())
     assert "train conv+cbn / conv+bn" in cases["4d_nhwc"]["ratios"]
     assert "train kn_bn / keras_bn" in result.stdout
