@@ -158,11 +158,16 @@ def assert_trains_alike(ours, theirs, batches, mask, statistics):
         assert_close(y1, y2, f"outputs, step {step}")
         # Input gradients are differences of terms up to |dy| / sigma: float32
         # cancellation makes entries near zero lose relative precision, so
-        # they get an absolute slack of 1e-5 of the largest entry.
+        # they get an absolute slack of 1e-5 of the largest entry. So do the
+        # gamma gradients, sums of dy * x_hat over the batch (without oneDNN
+        # TensorFlow's kernel sums them in another order: -0.1043678 against
+        # -0.1043700 beside entries of -9.3).
         assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
         assert sorted(g1) == sorted(g2)
         for name in g1:
-            assert_close(g1[name], g2[name], f"{name} gradient, step {step}")
+            assert_close_to_reference(
+                g1[name], g2[name], f"{name} gradient, step {step}"
+            )
         for name in statistics:
             assert_close(
                 to_numpy(getattr(ours, name)),
