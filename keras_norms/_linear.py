@@ -134,7 +134,12 @@ def statistic_gradients(layer, inputs, outputs, weights, count):
 
 
 def _conv_statistic_gradients(layer, inputs, grad_y, count):
-    if backend.backend() == "tensorflow":
+    # TensorFlow's kernel-gradient ops take dilations > 1 on CPU only with
+    # oneDNN (x86 builds); without it (e.g. TF_ENABLE_ONEDNN_OPTS=0, ARM)
+    # they raise, so dilated convolutions take the generic path.
+    if backend.backend() == "tensorflow" and all(
+        r == 1 for r in layer.dilation_rate
+    ):
         return _tf_conv_statistic_gradients(layer, inputs, grad_y, count)
     return _generic_conv_statistic_gradients(layer, inputs, grad_y, count)
 
