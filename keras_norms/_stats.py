@@ -379,10 +379,10 @@ def _biased(variance, inputs):
     import tensorflow as tf
 
     positions = inputs.shape[:-1]
-    if None not in positions:  # a constant factor: one multiply
-        n = math.prod(positions)
-        return variance * ((n - 1.0) / max(n, 1.0))
-    n = tf.cast(tf.size(inputs) // inputs.shape[-1], variance.dtype)
+    if None in positions:
+        n = tf.cast(tf.size(inputs) // inputs.shape[-1], variance.dtype)
+    else:  # a known shape: the factor is a constant, one multiply
+        n = float(math.prod(positions))
     return variance * ((n - 1.0) / tf.maximum(n, 1.0))
 
 
