@@ -167,6 +167,62 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernels")
+@pytest.mark.parametrize("shape", [(3, 5, 4), (2, 3, 4, 5, 3)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: keras_norms.BatchNormalization(momentum=0.5),
+        lambda: keras_norms.BatchRenormalization(
+            rmax=1.2, dmax=0.3, renorm_momentum=0.5, momentum=0.5
+        ),
+    ],
+    ids=["bn", "brn"],
+)
+def test_fused_path_with_unknown_dimensions(make, shape, monkeypatch):
+    """Traced with every dimension but the features unknown (variable
+    batch size and sequence length), the fused kernel views the input from
+    its runtime shape and equals the general path."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.5, size=shape).astype("float32")
+    dy = rng.normal(size=shape).astype("float32")
+    fast, general = make(), make()
+    for layer in (fast, general):
+        layer.build((None,) * (len(shape) - 1) + shape[-1:])
+    fused_calls = []
+    real_can_fuse = _stats.can_fuse
+
+    def spy(*args, **kwargs):
+        fused_calls.append(real_can_fuse(*args, **kwargs))
+        return fused_calls[-1]
+
+    monkeypatch.setattr(_stats, "can_fuse", spy)
+    spec = tf.TensorSpec((None,) * (len(shape) - 1) + shape[-1:], "float32")
+
+    @tf.function(input_signature=[spec])
+    def traced(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fast(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        return [y] + tape.gradient(loss, [x] + fast.trainable_variables)
+
+    y1, dx1, *g1 = [o.numpy() for o in traced(tf.constant(x))]
+    assert fused_calls == [True]
+    monkeypatch.setattr(_stats, "can_fuse", lambda *a, **k: False)
+    y2, dx2, g2 = train_call(general, x, dy)
+    assert_close_to_reference(y1, y2, "outputs")
+    assert_close_to_reference(dx1, dx2, "input gradient")
+    for w, g in zip(fast.trainable_weights, g1):
+        assert_close_to_reference(g, g2[w.name], w.name)
+    for w1, w2 in zip(
+        fast.non_trainable_weights, general.non_trainable_weights
+    ):
+        assert_close_to_reference(to_numpy(w1), to_numpy(w2), w1.name)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernels")
 @pytest.mark.parametrize(
     "make",
     [
