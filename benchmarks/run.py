@@ -82,15 +82,31 @@ def mean_output(y_true, y_pred):
     return keras.ops.mean(y_pred)
 
 
-def build(make, shape, masked, jit_compile):
+class InputScale(keras.layers.Layer):
+    """`inputs * w` with one trainable scalar `w` (1 at the start): placed
+    before a normalization layer, it makes the train step compute that
+    layer's input gradient too, as in a network where a trainable layer
+    feeds the normalization (`--input-gradient`)."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(), initializer="ones", name="w")
+
+    def call(self, inputs):
+        return inputs * self.w
+
+
+def build(make, shape, masked, jit_compile, input_gradient=False):
     x = keras.Input(shape[1:])
     inputs = [x]
     mask = None
     if masked:
         mask = keras.Input(shape[1:-1], dtype="bool")
         inputs.append(mask)
+    layers = make()
     h = x
-    for layer in make():
+    if input_gradient:
+        h = InputScale()(h)
+    for layer in layers:
         h = layer(h, mask=mask) if mask is not None else layer(h)
     model = keras.Model(inputs, h)
     model.compile(
@@ -114,7 +130,9 @@ def time_alternating(fns, rounds, warmup):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def run_case(case, shape, masked, jit_compile, rounds, warmup, repeats):
+def run_case(
+    case, shape, masked, jit_compile, rounds, warmup, repeats, input_gradient
+):
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 2.0, size=shape).astype("float32")
     inputs = [x]
@@ -122,7 +140,14 @@ def run_case(case, shape, masked, jit_compile, rounds, warmup, repeats):
         lengths = rng.integers(1, shape[1] + 1, size=shape[0])
         inputs.append(np.arange(shape[1])[None, :] < lengths[:, None])
     models = {
-        name: build(make, shape, masked, jit_compile)
+        # (a Conv2D before the normalization already needs its gradient)
+        name: build(
+            make,
+            shape,
+            masked,
+            jit_compile,
+            input_gradient and not name.startswith("conv_"),
+        )
         for name, make in candidates(case).items()
     }
     targets = {}
@@ -180,6 +205,12 @@ def main(argv=None):
     parser.add_argument("--cases", default=",".join(FULL))
     parser.add_argument("--jit", default="off,on", help="off, on or both")
     parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument(
+        "--input-gradient",
+        action="store_true",
+        help="a trainable scalar multiply before each normalization layer, "
+        "so that train steps also compute its input gradient",
+    )
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     rounds = args.rounds or (3 if args.tiny else 40)
@@ -193,12 +224,14 @@ def main(argv=None):
         "peak_memory": "not exposed by the backend on CPU",
         "rounds": rounds,
         "repeats": repeats,
+        "input_gradient": args.input_gradient,
         "cases": [],
     }
     print(
         f"backend {results['backend']}, keras {results['keras']}, "
         f"{results['machine']}, {repeats} blocks of {rounds} alternating "
         "steps: median of the blocks' ratios [range]"
+        + (", with input gradients" if args.input_gradient else "")
     )
     header = (
         f"{'case':10s} {'jit':4s} {'comparison':30s} {'ratio':>6s} "
@@ -209,7 +242,14 @@ def main(argv=None):
         shape, masked = sizes[case]
         for jit in args.jit.split(","):
             blocks = run_case(
-                case, shape, masked, jit == "on", rounds, warmup, repeats
+                case,
+                shape,
+                masked,
+                jit == "on",
+                rounds,
+                warmup,
+                repeats,
+                args.input_gradient,
             )
             entry = {
                 "case": case,

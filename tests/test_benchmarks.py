@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.helpers import BACKEND
+from tests.helpers import ROOT
 from tests.helpers import run_script
 
 
@@ -33,6 +34,45 @@ def test_harness_runs_and_reports(tmp_path):
             assert all(t > 0 for t in ratio["seconds"].values())
     assert "train conv+cbn / conv+bn" in cases["4d_nhwc"]["ratios"]
     assert "train kn_bn / keras_bn" in result.stdout
+
+
+def test_harness_with_input_gradients(tmp_path):
+    """`--input-gradient` puts a trainable scalar before the normalization
+    of the non-convolution candidates (so their train step computes the
+    normalization's input gradient) and says so in the report."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_run", os.path.join(ROOT, "benchmarks", "run.py")
+    )
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    shape = (4, 5, 8)
+    plain = run.build(run.candidates("3d")["kn_brn"], shape, False, False)
+    scaled = run.build(
+        run.candidates("3d")["kn_brn"], shape, False, False, True
+    )
+    assert len(scaled.trainable_weights) == len(plain.trainable_weights) + 1
+    assert isinstance(scaled.layers[1], run.InputScale)
+    out = tmp_path / "bench.json"
+    result = run_script(
+        "benchmarks/run.py",
+        "--tiny",
+        "--rounds",
+        "1",
+        "--cases",
+        "4d_nhwc",
+        "--jit",
+        "off",
+        "--input-gradient",
+        "--json",
+        str(out),
+    )
+    report = json.loads(out.read_text())
+    assert report["input_gradient"] is True
+    assert "with input gradients" in result.stdout
+    assert "train conv+cbn / conv+bn" in report["cases"][0]["ratios"]
 
 
 def test_multi_device_benchmark_runs_and_reports(tmp_path):
