@@ -12,3 +12,24 @@ def _reset_keras():
     keras.utils.set_random_seed(1234)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+_KERNEL_PATHS = (
+    ["fused", "general"]
+    if keras.backend.backend() == "tensorflow"
+    else ["general"]
+)
+
+
+@pytest.fixture(params=_KERNEL_PATHS)
+def kernel_path(request, monkeypatch):
+    """Runs a test on each training path that unmasked inputs with the
+    features last can take: on TensorFlow the fused kernel (whatever the
+    input's size) and the general path; elsewhere only the general path
+    exists. Tests use small inputs, which TensorFlow otherwise trains on the
+    general path (`_stats.FUSE_ABOVE_SIZE`)."""
+    from keras_norms import _stats
+
+    size = 0 if request.param == "fused" else float("inf")
+    monkeypatch.setattr(_stats, "FUSE_ABOVE_SIZE", size)
+    return request.param

@@ -132,6 +132,7 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
     take the fused kernel; elsewhere (and here, with it switched off) the
     general path runs. The two sum in different orders, so results agree to
     1e-5 of each array's largest entry."""
+    monkeypatch.setattr(_stats, "FUSE_ABOVE_SIZE", 0)  # fused at any size
     fast, general = make(), make()
     fast.build(shape)
     general.build(shape)
@@ -164,6 +165,25 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
         sgd_update(fast, g1)
         sgd_update(general, g2)
     assert fused_calls and all(fused_calls) == (BACKEND == "tensorflow")
+
+
+@pytest.mark.parametrize(
+    "shape,fused",
+    [
+        ((256, 1024), False),  # 2**18 elements: the general path
+        ((257, 1024), True),
+        ((4, 16, 16, 512), True),
+        ((64, 64, 64), False),
+    ],
+)
+def test_fused_kernel_only_above_a_size(shape, fused):
+    """TensorFlow's fused kernel is chosen for inputs of more than
+    `FUSE_ABOVE_SIZE` elements; smaller ones train faster on the general
+    path. Other backends have no fused kernel."""
+    x = ops.zeros(shape, "float32")
+    expected = fused and BACKEND == "tensorflow"
+    assert _stats.can_fuse(x, (len(shape) - 1,), False) == expected
+    assert not _stats.can_fuse(x, (len(shape) - 1,), True)  # synchronized
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernels")

@@ -43,7 +43,7 @@ def _batches(shape, steps, seed=0):
         ("5d", True),
     ],
 )
-def test_trains_like_keras_batch_normalization(case, masked):
+def test_trains_like_keras_batch_normalization(case, masked, kernel_path):
     shape, axis = CASES[case]
     kwargs = dict(axis=axis, momentum=0.8, epsilon=1e-3)
     ours = keras_norms.BatchNormalization(**kwargs)

@@ -42,7 +42,7 @@ def _batches(shape, steps, seed=0):
     ids=["2d", "3d", "3d_mask"],
 )
 @pytest.mark.parametrize("rmax,dmax", [(1.5, 0.5), (3.0, 5.0)])
-def test_trains_like_keras_renorm(shape, masked, rmax, dmax):
+def test_trains_like_keras_renorm(shape, masked, rmax, dmax, kernel_path):
     common = dict(momentum=0.9, epsilon=1e-3, renorm_momentum=0.7)
     ours = keras_norms.BatchRenormalization(rmax=rmax, dmax=dmax, **common)
     clipping = {"rmin": 1.0 / rmax, "rmax": rmax, "dmax": dmax}
@@ -62,7 +62,7 @@ def test_trains_like_keras_renorm(shape, masked, rmax, dmax):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_matches_paper_algorithm(masked):
+def test_matches_paper_algorithm(masked, kernel_path):
     shape, eps = (6, 5, 4), 1e-3
     layer = keras_norms.BatchRenormalization(
         rmax=2.0, dmax=1.0, momentum=0.8, renorm_momentum=0.6, epsilon=eps
@@ -96,7 +96,7 @@ def test_matches_paper_algorithm(masked):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_unit_clipping_trains_like_batch_normalization(masked):
+def test_unit_clipping_trains_like_batch_normalization(masked, kernel_path):
     shape = (4, 6, 3)
     brn = keras_norms.BatchRenormalization(rmax=1.0, dmax=0.0, momentum=0.9)
     bn = keras_norms.BatchNormalization(momentum=0.9)
@@ -197,7 +197,9 @@ def test_bad_axis_and_mask():
 
 
 @pytest.mark.parametrize("shape", [(64, 5), (8, 6, 6, 5)], ids=["2d", "4d"])
-def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(shape):
+def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(
+    shape, kernel_path
+):
     """|mean| = 100 std. A one-pass variance `E[x^2] - E[x]^2` in float32 is
     off by ~1e-3 relative here; the layer (TensorFlow's fused kernel for the
     moments, two passes on the general path) matches the float64 paper
