@@ -106,8 +106,9 @@ class BatchRenormalization(BatchNormalization):
     >>> # model.fit(x, y, batch_size=4, callbacks=[warmup])
     """
 
-    # With TensorFlow's fused kernel (features last, no mask), r and d are
-    # applied to the kernel's x_hat, with the kernel's gradient.
+    # With TensorFlow's fused kernel (large inputs, features last, no mask),
+    # r and d go into the scale and offset of an inference-mode kernel call
+    # with the batch moments; the gradient is the training kernel's.
     _renormalizes = True
 
     def __init__(
