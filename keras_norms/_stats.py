@@ -365,12 +365,11 @@ def can_fuse(inputs, feature_axes, synchronized):
     backend, one feature axis that is the last axis of a float32 input of
     more than `FUSE_ABOVE_SIZE` elements, no cross-replica statistics, not
     compiled by XLA."""
-    ndim = len(inputs.shape)
     shape = tuple(inputs.shape)
     return (
         backend.backend() == "tensorflow"
         and not synchronized
-        and feature_axes == (ndim - 1,)
+        and feature_axes == (len(shape) - 1,)
         and backend.standardize_dtype(inputs.dtype) == "float32"
         and (None in shape or math.prod(shape) > FUSE_ABOVE_SIZE)
         and not _in_xla_compilation()
