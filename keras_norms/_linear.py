@@ -57,6 +57,15 @@ def check_supported(layer):
             f"of the statistics. Received: {name} with use_bias=True. Pass "
             "use_bias=False."
         )
+    if layer.activity_regularizer is not None:
+        raise ValueError(
+            "The wrapped layer's activity_regularizer would never be applied "
+            "(CrossIterationBatchNormalization computes the wrapped layer's "
+            f"output itself). Received: {name} with activity_regularizer="
+            f"{layer.activity_regularizer!r}. Pass activity_regularizer="
+            "None, and give it to the CrossIterationBatchNormalization "
+            "layer instead to regularize the normalized output."
+        )
     if getattr(layer, "groups", 1) != 1:
         raise ValueError(
             "Grouped convolutions are not supported. Received: "

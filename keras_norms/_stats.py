@@ -6,14 +6,42 @@ moving statistics take the variable and assign to it.
 """
 
 import math
+import numbers
 
+import numpy as np
 from keras import backend
 from keras import ops
 
 
+def check_number(name, value, accepted):
+    """`value` as a float, or a TypeError naming `name` and the `accepted`
+    values (a phrase such as "in [0, 1)") when it is not a number. Strings
+    and bools are not numbers here, though `float()` would take them."""
+    if not isinstance(value, (str, bytes, bool)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(
+        f"Argument `{name}` must be a number {accepted}. "
+        f"Received: {name}={value!r}"
+    )
+
+
+def check_bool(name, value):
+    """`value` if it is True or False (a NumPy bool too), else a
+    TypeError naming `name`: `bool()` would take `"no"` for True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"Argument `{name}` must be True or False. "
+            f"Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
 def check_unit_interval(name, value):
     """Coerces `value` to float and checks that it lies in [0, 1)."""
-    value = float(value)
+    value = check_number(name, value, "in [0, 1)")
     if not 0.0 <= value < 1.0:
         raise ValueError(
             f"Argument `{name}` must be in [0, 1). Received: {name}={value}"
@@ -29,7 +57,7 @@ def canonicalize_axes(axis, ndim=None, arg_name="axis"):
     of range for an input of rank `ndim` (with `ndim=None`, only the types
     are checked and `None` is returned).
     """
-    axes = [axis] if isinstance(axis, int) else axis
+    axes = [axis] if isinstance(axis, numbers.Integral) else axis
     if not isinstance(axes, (list, tuple)) or not axes:
         raise TypeError(
             f"Argument `{arg_name}` must be an int or a non-empty list of "
@@ -37,7 +65,9 @@ def canonicalize_axes(axis, ndim=None, arg_name="axis"):
         )
     positive = []
     for a in axes:
-        if isinstance(a, bool) or not isinstance(a, int):
+        if isinstance(a, (bool, np.bool_)) or not isinstance(
+            a, numbers.Integral
+        ):
             raise TypeError(
                 f"Argument `{arg_name}` must be an int or a non-empty list of "
                 f"ints. Received: {arg_name}={axis!r}"
@@ -50,7 +80,7 @@ def canonicalize_axes(axis, ndim=None, arg_name="axis"):
                 f"{ndim}: accepted values are in [{-ndim}, {ndim - 1}]. "
                 f"Received: {arg_name}={axis!r}"
             )
-        positive.append(a % ndim)
+        positive.append(int(a) % ndim)
     if ndim is None:
         return None
     if len(set(positive)) != len(positive):
@@ -118,11 +148,7 @@ def check_synchronized(synchronized, layer_name):
     API for PyTorch, so a synchronized layer there would silently compute
     per-process statistics: that is refused.
     """
-    if not isinstance(synchronized, bool):
-        raise TypeError(
-            "Argument `synchronized` must be True or False. "
-            f"Received: synchronized={synchronized!r}"
-        )
+    synchronized = check_bool("synchronized", synchronized)
     if synchronized and backend.backend() not in ("tensorflow", "jax"):
         raise ValueError(
             f"{layer_name}(synchronized=True) needs the TensorFlow backend "

@@ -227,7 +227,10 @@ class RenormWarmup(Callback):
 
 def _check_steps(name, steps):
     try:
-        begin, end = (int(s) for s in steps)
+        begin, end = steps
+        if any(isinstance(s, bool) or int(s) != s for s in steps):
+            raise TypeError  # 1.5 would silently become 1
+        begin, end = int(begin), int(end)
     except (TypeError, ValueError):
         raise TypeError(
             f"Argument `{name}` must be a pair of ints (begin, end). "

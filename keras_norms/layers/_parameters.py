@@ -43,14 +43,14 @@ class NormalizationParameters:
             "momentum", arguments.pop("momentum")
         )
         epsilon = arguments.pop("epsilon")
-        self.epsilon = float(epsilon)
-        if not self.epsilon > 0.0:
+        self.epsilon = _stats.check_number("epsilon", epsilon, "> 0")
+        if not 0.0 < self.epsilon < float("inf"):
             raise ValueError(
-                f"Argument `epsilon` must be positive. Received: "
+                f"Argument `epsilon` must be positive and finite. Received: "
                 f"epsilon={epsilon}"
             )
-        self.center = bool(arguments.pop("center"))
-        self.scale = bool(arguments.pop("scale"))
+        self.center = _stats.check_bool("center", arguments.pop("center"))
+        self.scale = _stats.check_bool("scale", arguments.pop("scale"))
         for name, value in arguments.items():
             setattr(self, name, _module(name).get(value))
         self.gamma = None

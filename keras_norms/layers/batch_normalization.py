@@ -114,11 +114,13 @@ class BatchNormalization(NormalizationParameters, Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(axis, tuple):
-            axis = list(axis)
         # Types are checked now, ranges against the input rank in build.
         _stats.canonicalize_axes(axis)
-        self.axis = axis
+        # Python ints in the config (NumPy integers are accepted).
+        if isinstance(axis, (list, tuple)):
+            self.axis = [int(a) for a in axis]
+        else:
+            self.axis = int(axis)
         self.init_parameters(
             momentum=momentum,
             epsilon=epsilon,

@@ -149,6 +149,14 @@ class BatchRenormalization(BatchNormalization):
             synchronized=synchronized,
             **kwargs,
         )
+        for name, value in (("rmax", rmax), ("dmax", dmax)):
+            if callable(value):
+                raise TypeError(
+                    f"Argument `{name}` of the layer is a constant. For a "
+                    "schedule, use the keras_norms.callbacks.RenormWarmup "
+                    "callback or `layer.set_clipping_schedule`. Received: "
+                    f"{name}={value!r}"
+                )
         self.rmax = check_rmax("rmax", rmax)
         self.dmax = check_dmax("dmax", dmax)
         self.renorm_momentum = _stats.check_unit_interval(
@@ -284,7 +292,7 @@ class BatchRenormalization(BatchNormalization):
 
 def check_rmax(name, value):
     """Coerces a constant `rmax` to float and checks that it is >= 1."""
-    value = float(value)
+    value = _stats.check_number(name, value, "at least 1")
     if not value >= 1.0:
         raise ValueError(
             f"Argument `{name}` must be at least 1 (r is clipped to "
@@ -295,7 +303,7 @@ def check_rmax(name, value):
 
 def check_dmax(name, value):
     """Coerces a constant `dmax` to float and checks that it is >= 0."""
-    value = float(value)
+    value = _stats.check_number(name, value, "at least 0")
     if not value >= 0.0:
         raise ValueError(
             f"Argument `{name}` must be at least 0 (d is clipped to "

@@ -1,5 +1,7 @@
 """Cross-Iteration Batch Normalization (Yao et al., 2020)."""
 
+import numbers
+
 from keras import ops
 from keras.layers import Layer
 from keras.layers import Wrapper
@@ -144,7 +146,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         super().__init__(layer, **kwargs)
         self.window_size = _check_int("window_size", window_size, 1)
         self.burnin_steps = _check_int("burnin_steps", burnin_steps, 0)
-        self.compensation = bool(compensation)
+        self.compensation = _stats.check_bool("compensation", compensation)
         self.init_parameters(
             momentum=momentum,
             epsilon=epsilon,
@@ -176,6 +178,9 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 "a convolution's input to be known. Received: "
                 f"input_shape={input_shape}"
             )
+        # The wrapped layer's spec (its input rank and features), so that an
+        # input that does not fit is refused in Keras's words.
+        self.input_spec = self.layer.input_spec
         self._channel_axis = channel_axis
         self._reduction_axes = _stats.reduction_axes((channel_axis,), ndim)
         self._broadcast_shape = _stats.broadcast_shape(
@@ -373,7 +378,12 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
 
 
 def _check_int(name, value, minimum):
-    if isinstance(value, bool) or int(value) != value or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Argument `{name}` must be an int >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    if int(value) != value or value < minimum:
         raise ValueError(
             f"Argument `{name}` must be an int >= {minimum}. "
             f"Received: {name}={value!r}"

@@ -303,6 +303,8 @@ def test_refuses_bad_arguments_and_models():
         RenormWarmup(rmax_steps=(10, 5))
     with pytest.raises(TypeError, match="dmax_steps"):
         RenormWarmup(dmax_steps=5)
+    with pytest.raises(TypeError, match="rmax_steps"):
+        RenormWarmup(rmax_steps=(1.5, 5))  # not silently (1, 5)
     with pytest.raises(TypeError, match="layers"):
         RenormWarmup(layers=[keras.layers.Dense(2)])
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])

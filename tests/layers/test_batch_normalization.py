@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -251,11 +253,28 @@ def test_config_round_trip():
         (dict(axis="last"), TypeError, "axis"),
         (dict(axis=[]), TypeError, "axis"),
         (dict(axis=1.5), TypeError, "axis"),
+        (dict(momentum=None), TypeError, "momentum"),
+        (dict(momentum="0.9"), TypeError, "momentum"),
+        (dict(epsilon=float("inf")), ValueError, "epsilon"),
+        (dict(epsilon=None), TypeError, "epsilon"),
+        (dict(center="no"), TypeError, "center"),
+        (dict(scale=1), TypeError, "scale"),
     ],
 )
 def test_bad_arguments(kwargs, error, needle):
     with pytest.raises(error, match=needle):
         keras_norms.BatchNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("axis", [np.int64(1), [np.int32(1)]])
+def test_numpy_integer_axis(axis):
+    # Keras's BN takes NumPy integers; the config holds Python ints (JSON).
+    layer = keras_norms.BatchNormalization(axis=axis)
+    layer.build((2, 3, 4))
+    assert tuple(layer.gamma.shape) == (3,)
+    saved = layer.get_config()["axis"]
+    assert saved in (1, [1]) and type(np.ravel(saved).tolist()[0]) is int
+    assert json.loads(json.dumps(layer.get_config()))["axis"] == saved
 
 
 @pytest.mark.parametrize(

@@ -188,6 +188,20 @@ def test_bad_arguments(kwargs, needle):
         keras_norms.BatchRenormalization(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(rmax=None), "rmax"),
+        (dict(dmax="5"), "dmax"),
+        (dict(rmax=lambda step: 2.0), "RenormWarmup"),
+        (dict(center="no"), "center"),
+    ],
+)
+def test_bad_argument_types(kwargs, needle):
+    with pytest.raises(TypeError, match=needle):
+        keras_norms.BatchRenormalization(**kwargs)
+
+
 def test_bad_axis_and_mask():
     with pytest.raises(ValueError, match="axis"):
         keras_norms.BatchRenormalization(axis=2).build((4, 2))

@@ -351,6 +351,12 @@ def test_config_round_trip():
         ),
         (lambda: keras.layers.Dense(3), "use_bias=False"),
         (lambda: keras.layers.Conv2D(4, 3, groups=2, use_bias=False), "groups"),
+        (
+            lambda: keras.layers.Dense(
+                3, use_bias=False, activity_regularizer="l2"
+            ),
+            "activity_regularizer",
+        ),
     ],
 )
 def test_refuses_unsupported_layers(make, needle):
@@ -367,6 +373,8 @@ def test_refuses_unsupported_layers(make, needle):
         (dict(momentum=1.0), ValueError, "momentum"),
         (dict(epsilon=0.0), ValueError, "epsilon"),
         (dict(synchronized=1), TypeError, "synchronized"),
+        (dict(window_size=None), TypeError, "window_size"),
+        (dict(compensation="yes"), TypeError, "compensation"),
     ],
 )
 def test_bad_arguments(kwargs, error, needle):
@@ -374,6 +382,42 @@ def test_bad_arguments(kwargs, error, needle):
         keras_norms.CBN(keras.layers.Dense(2, use_bias=False), **kwargs)
     with pytest.raises(TypeError, match="layer"):
         keras_norms.CBN("dense")
+
+
+@pytest.mark.parametrize(
+    "make,shape,wrong",
+    [
+        (lambda: keras.layers.Dense(3, use_bias=False), (2, 4), (2, 5)),
+        (
+            lambda: keras.layers.Conv2D(3, 3, use_bias=False),
+            (1, 6, 6, 2),
+            (1, 6, 6, 3),
+        ),
+    ],
+    ids=["dense", "conv2d"],
+)
+def test_input_that_does_not_fit_the_wrapped_layer(make, shape, wrong):
+    layer = keras_norms.CBN(make())
+    layer(np.ones(shape, "float32"))
+    with pytest.raises(ValueError, match="incompatible"):
+        layer(np.ones(wrong, "float32"))
+
+
+def test_activity_regularizer_applies_to_the_normalized_output():
+    layer = keras_norms.CBN(
+        keras.layers.Dense(3, use_bias=False),
+        activity_regularizer=keras.regularizers.L2(0.5),
+        center=False,
+    )
+    x = np.random.default_rng(0).normal(size=(4, 2)).astype("float32")
+    y = to_numpy(layer(x))
+    (loss,) = layer.losses
+    # Keras divides any layer's activity loss by the batch size.
+    expected = 0.5 * np.sum(y.astype("float64") ** 2) / len(x)
+    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+    config = layer.get_config()
+    restored = keras_norms.CBN.from_config(config)
+    assert restored.get_config() == config
 
 
 def test_mask_of_wrong_shape():
