@@ -57,9 +57,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     after this layer). Grouped, depthwise, separable and transposed
     convolutions are not supported. A convolution's input must have a known
     spatial size when the layer is built (e.g. `keras.Input((32, 32, 3))`,
-    not `(None, None, 3)`): the derivatives of the statistics are taken over
-    a fixed output size. Masks are for `Dense` only: a convolution mixes
-    neighbouring positions, so a mask there is refused rather than dropped.
+    not `(None, None, 3)`): the derivatives of the statistics with respect
+    to the kernel are computed from input windows sized from it. Masks are
+    for `Dense` only: a convolution mixes neighbouring positions, so a mask
+    there is refused rather than dropped.
 
     Args:
         layer: A `keras.layers.Dense`, `Conv1D`, `Conv2D` or `Conv3D` with
