@@ -155,6 +155,16 @@ def _conv_statistic_gradients(layer, inputs, grad_y, count):
 
 def _generic_conv_statistic_gradients(layer, inputs, grad_y, count):
     """One matmul per kernel offset over strided input windows."""
+    if None in inputs.shape[1:]:  # TensorFlow traced with unknown sizes
+        raise ValueError(
+            "CrossIterationBatchNormalization of a dilated convolution needs "
+            "the spatial size of its input to be known when the train step "
+            "is traced on TensorFlow (its windows are sliced from it). "
+            f"Received: {type(layer).__name__} with dilation_rate="
+            f"{layer.dilation_rate} and inputs of shape {inputs.shape}. Feed "
+            "batches of a fixed size (e.g. pad the sequences), or use "
+            "dilation_rate=1."
+        )
     rank = len(layer.kernel_size)
     padded = _pad(layer, inputs)
     # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.

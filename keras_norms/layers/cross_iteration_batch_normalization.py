@@ -55,12 +55,11 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     The wrapped layer must have `use_bias=False` (`beta` takes the bias's
     role; a bias would shift every past mean) and no activation (apply it
     after this layer). Grouped, depthwise, separable and transposed
-    convolutions are not supported. A convolution's input must have a known
-    spatial size when the layer is built (e.g. `keras.Input((32, 32, 3))`,
-    not `(None, None, 3)`): the derivatives of the statistics with respect
-    to the kernel are computed from input windows sized from it. Masks are
-    for `Dense` only: a convolution mixes neighbouring positions, so a mask
-    there is refused rather than dropped.
+    convolutions are not supported. Inputs of any spatial size work (e.g.
+    `keras.Input((None, 3))` before a `Conv1D`), except for a dilated
+    convolution on TensorFlow, whose train step must see a fixed size. Masks
+    are for `Dense` only: a convolution mixes neighbouring positions, so a
+    mask there is refused rather than dropped.
 
     Args:
         layer: A `keras.layers.Dense`, `Conv1D`, `Conv2D` or `Conv3D` with
@@ -177,12 +176,6 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         output_shape = self.layer.compute_output_shape(input_shape)
         ndim = len(output_shape)
         channel_axis = ndim - 1 if _linear.channels_last(self.layer) else 1
-        if not _linear.is_dense(self.layer) and None in output_shape[1:]:
-            raise ValueError(
-                "CrossIterationBatchNormalization needs the spatial size of "
-                "a convolution's input to be known. Received: "
-                f"input_shape={input_shape}"
-            )
         # The wrapped layer's spec (its input rank and features), so that an
         # input that does not fit is refused in Keras's words.
         self.input_spec = self.layer.input_spec

@@ -4,6 +4,8 @@ import pytest
 
 import keras_norms
 from tests import references
+from tests.helpers import BACKEND
+from tests.helpers import assert_close
 from tests.helpers import assert_close_to_reference
 from tests.helpers import assert_config_round_trip
 from tests.helpers import assert_trains_alike
@@ -382,6 +384,61 @@ def test_bad_arguments(kwargs, error, needle):
         keras_norms.CBN(keras.layers.Dense(2, use_bias=False), **kwargs)
     with pytest.raises(TypeError, match="layer"):
         keras_norms.CBN("dense")
+
+
+def _train_with_unknown_length(model, x, y):
+    """One SGD step, traced with an unknown length where the backend has
+    such a thing (TensorFlow: a dataset of `(None, None, channels)`);
+    JAX and torch always see the batch's concrete shape."""
+    if BACKEND != "tensorflow":
+        return model.train_on_batch(x, y)
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_generator(
+        lambda: iter([(x, y)]),
+        output_signature=(
+            tf.TensorSpec((None, None, x.shape[-1])),
+            tf.TensorSpec((None, None, y.shape[-1])),
+        ),
+    )
+    model.fit(data.repeat(), steps_per_epoch=1, verbose=0)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("padding", ["same", "valid", "causal"])
+def test_conv_on_inputs_of_unknown_length(padding, dilation):
+    """A CBN(Conv1D) built on `Input((None, 3))` and fed sequences of
+    several lengths takes, at each step, the step that a CBN built for that
+    length takes from the same state."""
+    rng = np.random.default_rng(0)
+
+    def make(length):
+        conv = keras.layers.Conv1D(
+            4, 3, padding=padding, dilation_rate=dilation, use_bias=False
+        )
+        model = keras.Sequential(
+            [keras.Input((length, 3)), keras_norms.CBN(conv, window_size=3)]
+        )
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        return model
+
+    free = make(None)
+    for step, length in enumerate((12, 9, 12)):
+        x = rng.normal(size=(8, length, 3)).astype("float32")
+        out = length - 2 * dilation if padding == "valid" else length
+        y = rng.normal(size=(8, out, 4)).astype("float32")
+        fixed = make(length)
+        fixed.set_weights(free.get_weights())
+        fixed.train_on_batch(x, y)
+        if BACKEND == "tensorflow" and dilation > 1:
+            with pytest.raises(ValueError, match="dilated convolution"):
+                _train_with_unknown_length(free, x, y)
+            return
+        _train_with_unknown_length(free, x, y)
+        for weight, a, b in zip(
+            free.weights, free.get_weights(), fixed.get_weights()
+        ):
+            assert_close(a, b, f"{weight.name} after step {step}")
 
 
 @pytest.mark.parametrize(
