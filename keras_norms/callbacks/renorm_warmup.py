@@ -228,7 +228,7 @@ class RenormWarmup(Callback):
 def _check_steps(name, steps):
     try:
         begin, end = steps
-        if any(isinstance(s, bool) or int(s) != s for s in steps):
+        if any(isinstance(s, bool) or int(s) != s for s in (begin, end)):
             raise TypeError  # 1.5 would silently become 1
         begin, end = int(begin), int(end)
     except (TypeError, ValueError):
