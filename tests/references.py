@@ -190,15 +190,26 @@ class CBNReference:
     `P` are the input patches (rows of a Dense input, im2col for a conv),
     `W` the kernel as a (D, C) matrix. Statistics, their derivatives and the
     compensation follow the paper; gradients are central differences of the
-    float64 forward with the earlier steps' terms held constant.
+    float64 forward. With `compensation_gradient`, the earlier steps' terms
+    are evaluated at the perturbed kernel (they are functions of it, eq. 7);
+    without it, they are held at the step's kernel (the authors' code). In
+    both, which earlier steps enter the average is decided once per step.
     """
 
     def __init__(
-        self, channels, window_size, burnin_steps, compensation, eps, momentum
+        self,
+        channels,
+        window_size,
+        burnin_steps,
+        compensation,
+        eps,
+        momentum,
+        compensation_gradient=True,
     ):
         self.k = window_size
         self.burnin = burnin_steps
         self.compensation = compensation
+        self.compensation_gradient = compensation_gradient
         self.eps = eps
         self.momentum = momentum
         self.moving_mean = np.zeros(channels)
@@ -228,6 +239,8 @@ class CBNReference:
     def _forward(self, P, W, w, gamma, beta, past):
         y, mu, nu, _ = self._current(P, W, w)
         mus, nus, uses = past
+        if self.compensation_gradient:
+            mus, nus = self._past(W)
         total_mu, total_nu, count = mu.copy(), nu.copy(), np.ones_like(mu)
         for m, v, use in zip(mus, nus, uses):
             total_mu += use * m

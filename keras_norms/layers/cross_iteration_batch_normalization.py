@@ -31,8 +31,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     - the current step gives `mu_t = E[y]`, `nu_t = E[y^2]` (with gradients)
       and their derivatives `dmu_t/dW`, `dnu_t/dW`;
     - a step `t - tau` (tau = 1 .. window_size - 1) contributes
-      `mu_{t-tau} + dmu_{t-tau}/dW . (W_t - W_{t-tau})` and likewise for `nu`
-      (constants: no gradient flows through earlier steps);
+      `mu_{t-tau} + dmu_{t-tau}/dW . (W_t - W_{t-tau})` and likewise for `nu`;
+      with `compensation_gradient=True` (the default) the gradient flows
+      through these terms, whose derivative with respect to `W_t` is the
+      stored `dmu_{t-tau}/dW` (resp. `dnu`);
     - steps whose compensated variance `nu - mu^2` is negative for a channel
       are left out of that channel's average (the current step never is);
     - `y` is normalized by the average mean and by the average `nu` minus
@@ -72,6 +74,15 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             earlier steps are used. Defaults to `0`.
         compensation: If `False`, earlier statistics are averaged without the
             Taylor compensation. Defaults to `True`.
+        compensation_gradient: If `True`, the loss's gradient with respect
+            to the kernel includes how the compensated earlier statistics
+            move with it (their Taylor terms are linear in the kernel). If
+            `False`, they are constants in the backward pass, as in the
+            authors' code: only the current step's `1 / window_size` share
+            of the statistics then reacts to the kernel, which measurably
+            hurts training from scratch (see the README's ablation). Costs
+            one elementwise product per earlier step in the backward pass.
+            Ignored without `compensation`. Defaults to `True`.
         momentum: Momentum of the moving statistics, in [0, 1). Defaults to
             `0.99`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
@@ -126,6 +137,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         window_size=4,
         burnin_steps=0,
         compensation=True,
+        compensation_gradient=True,
         momentum=0.99,
         epsilon=1e-3,
         center=True,
@@ -151,6 +163,9 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         self.window_size = _check_int("window_size", window_size, 1)
         self.burnin_steps = _check_int("burnin_steps", burnin_steps, 0)
         self.compensation = _stats.check_bool("compensation", compensation)
+        self.compensation_gradient = _stats.check_bool(
+            "compensation_gradient", compensation_gradient
+        )
         self.init_parameters(
             momentum=momentum,
             epsilon=epsilon,
@@ -264,17 +279,22 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         if self.window_size == 1:
             return mean, variance
 
-        # Earlier steps, brought to the current kernel (constants).
+        # Earlier steps, brought to the current kernel: linear in it, and
+        # constants in the backward pass without `compensation_gradient`.
         dtype = mean.dtype
         past_mu = ops.cast(self.past_mu, dtype)
         past_nu = ops.cast(self.past_nu, dtype)
         if self.compensation:
-            delta = ops.stop_gradient(kernel) - ops.cast(
-                self.past_kernel, dtype
-            )
+            if not self.compensation_gradient:
+                kernel = ops.stop_gradient(kernel)
+            delta = kernel - ops.cast(self.past_kernel, dtype)
             kernel_axes = tuple(range(1, len(delta.shape) - 1))
             past_dmu = ops.cast(self.past_dmu, dtype)
             past_dnu = ops.cast(self.past_dnu, dtype)
+            if self.compensation_gradient:
+                # The backward pass reads them after `_push` has written
+                # the buffers (in place on PyTorch): take this step's copy.
+                past_dmu, past_dnu = ops.copy(past_dmu), ops.copy(past_dnu)
             past_mu = past_mu + ops.sum(past_dmu * delta, axis=kernel_axes)
             past_nu = past_nu + ops.sum(past_dnu * delta, axis=kernel_axes)
         past_var = past_nu - ops.square(past_mu)
@@ -364,6 +384,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             "window_size": self.window_size,
             "burnin_steps": self.burnin_steps,
             "compensation": self.compensation,
+            "compensation_gradient": self.compensation_gradient,
             **self.parameters_config(),
             "synchronized": self.synchronized,
         }
