@@ -1,10 +1,15 @@
-"""Small-batch and non-i.i.d. study: BN vs. BRN (+warm-up) vs. CBN on digits.
+"""Small-batch and non-i.i.d. study: BN, BRN (+warm-up), CBN and GN on digits.
 
 Trains the same small CNN (examples/digits_common.py) with
-keras_norms.BatchNormalization, BatchRenormalization + RenormWarmup and
-CrossIterationBatchNormalization, at several batch sizes and in a non-i.i.d.
-setting, over several seeds, then prints a table (test accuracy mean ± std,
-training time per epoch) and writes a PNG plot.
+keras_norms.BatchNormalization, BatchRenormalization + RenormWarmup,
+CrossIterationBatchNormalization and Keras's GroupNormalization, at several
+batch sizes and in a non-i.i.d. setting, over several seeds, then prints a
+table (test accuracy mean ± std, training time per epoch) and writes a PNG
+plot (`--out`) and, with `--json`, one record per training run.
+
+Every layer gets the same recipe: Adam, the same learning rate and epochs,
+`momentum=0.9` for the moving statistics (`renorm_momentum=0.9` for BRN's
+too); CBN runs with its defaults otherwise (window 4, no burn-in).
 
 The data is scikit-learn's bundled 8x8 digits. Full digits are too easy for
 batch size to matter much, so the task is made harder: only
@@ -14,11 +19,12 @@ every minibatch of `--noniid-batch` (16) images holds only
 `--noniid-classes` (2) classes, as in section 4.2 of the Batch Renorm paper
 (there: 32 images from 16 classes of ImageNet).
 
-    python examples/small_batch_study.py            # about 4-5 minutes
+    python examples/small_batch_study.py            # about 7 minutes
     python examples/small_batch_study.py --quick    # under 1 minute
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -31,7 +37,12 @@ from sklearn.model_selection import train_test_split
 
 import keras_norms
 
-LAYERS = ("BN", "BRN", "CBN")
+LAYERS = ("BN", "BRN", "CBN", "GN")
+# Runs here are a few hundred to 2,400 steps: with Keras's 0.99 the moving
+# statistics would stay half-way from their initial values after 76 steps
+# (0.99 ** 76 = 0.47), so every layer averages with 0.9.
+MOMENTUM = 0.9
+GROUPS = 8  # GroupNormalization: 8 groups of the 16, 32 and 64 channels
 
 
 def load(args, seed):
@@ -69,25 +80,36 @@ def epoch_order(y, batch_size, classes_per_batch, rng):
     return np.array(order)
 
 
-def normalized(kind, steps):
+def normalized(kind, cbn_kwargs=None):
+    """The layers that replace each bias-free linear layer of the CNN."""
+
     def layers(linear):
-        # momentum 0.9, not Keras's 0.99: runs here are a few hundred
-        # steps, and 0.99 would leave the inference statistics half-way
-        # from their initial values (0.99 ** 76 = 0.47).
         if kind == "BN":
-            return [linear, keras_norms.BatchNormalization(momentum=0.9)]
+            return [linear, keras_norms.BatchNormalization(momentum=MOMENTUM)]
         if kind == "BRN":
-            return [linear, keras_norms.BatchRenormalization(momentum=0.9)]
-        return [
-            keras_norms.CrossIterationBatchNormalization(
-                linear, window_size=4, burnin_steps=steps // 10, momentum=0.9
-            )
-        ]
+            return [
+                linear,
+                keras_norms.BatchRenormalization(
+                    momentum=MOMENTUM, renorm_momentum=MOMENTUM
+                ),
+            ]
+        if kind == "GN":
+            return [linear, keras.layers.GroupNormalization(groups=GROUPS)]
+        if kind == "CBN":
+            kwargs = dict(momentum=MOMENTUM, **(cbn_kwargs or {}))
+            return [
+                keras_norms.CrossIterationBatchNormalization(linear, **kwargs)
+            ]
+        raise ValueError(f"Unknown layer {kind!r}; expected one of {LAYERS}")
 
     return layers
 
 
-def run(kind, batch_size, classes_per_batch, seed, args):
+def run(kind, batch_size, classes_per_batch, seed, args, cbn_kwargs=None):
+    """Trains one model; returns its test accuracy and the seconds of fit().
+
+    `cbn_kwargs` may hold `burnin_fraction` (of the run's steps) besides
+    CrossIterationBatchNormalization's own arguments."""
     x_train, x_test, y_train, y_test = load(args, seed)
     rng = np.random.default_rng(seed)
     order = np.concatenate(
@@ -97,8 +119,12 @@ def run(kind, batch_size, classes_per_batch, seed, args):
         ]
     )
     steps = -(-len(order) // batch_size)
+    cbn_kwargs = dict(cbn_kwargs or {})
+    fraction = cbn_kwargs.pop("burnin_fraction", 0.0)
+    if fraction:
+        cbn_kwargs["burnin_steps"] = int(fraction * steps)
     keras.utils.set_random_seed(seed)
-    model = make_model(normalized(kind, steps))
+    model = make_model(normalized(kind, cbn_kwargs))
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -118,7 +144,7 @@ def run(kind, batch_size, classes_per_batch, seed, args):
     )
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    return accuracy, seconds / args.epochs
+    return accuracy, seconds
 
 
 def plot(results, args, path):
@@ -179,6 +205,15 @@ def plot(results, args, path):
     plt.close(fig)
 
 
+def add_recipe_arguments(parser):
+    """The data and training recipe, shared with examples/cbn_ablation.py."""
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train-samples", type=int, default=600)
+    parser.add_argument("--noise", type=float, default=0.25)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -187,14 +222,13 @@ def main(argv=None):
         help="2 batch sizes, 1 seed, fewer epochs",
     )
     parser.add_argument("--batch-sizes", default="2,4,8,16,32")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--train-samples", type=int, default=600)
-    parser.add_argument("--noise", type=float, default=0.25)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    add_recipe_arguments(parser)
     parser.add_argument("--noniid-batch", type=int, default=16)
     parser.add_argument("--noniid-classes", type=int, default=2)
     parser.add_argument("--out", default="small_batch_study.png")
+    parser.add_argument(
+        "--json", default=None, help="write one record per run to this file"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.seeds, args.epochs = "4,16", "0", 2
@@ -216,17 +250,28 @@ def main(argv=None):
         f"classes; seeds {args.seeds}",
         flush=True,
     )
-    results, times = {}, {}
+    results, times, records = {}, {}, []
     done = 0
     for batch_size, classes in settings:
         for kind in LAYERS:
             for seed in args.seeds:
-                accuracy, per_epoch = run(kind, batch_size, classes, seed, args)
+                accuracy, seconds = run(kind, batch_size, classes, seed, args)
+                per_epoch = seconds / args.epochs
                 results.setdefault((kind, batch_size, classes), []).append(
                     accuracy
                 )
                 times.setdefault((kind, batch_size, classes), []).append(
                     per_epoch
+                )
+                records.append(
+                    {
+                        "layer": kind,
+                        "batch_size": batch_size,
+                        "classes_per_batch": classes,
+                        "seed": seed,
+                        "accuracy": float(accuracy),
+                        "seconds": round(seconds, 2),
+                    }
                 )
                 done += 1
                 setting = "iid" if classes is None else f"{classes} cls"
@@ -254,6 +299,10 @@ def main(argv=None):
         print(f"| {name} | " + " | ".join(cells) + " |")
     plot(results, args, args.out)
     print(f"\nplot written to {os.path.abspath(args.out)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": records}, f, indent=1)
+        print(f"results written to {os.path.abspath(args.json)}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ CASES = [
     ("cbn", "cbn", False, True),
     ("cbn_mask", "cbn", True, True),
     ("cbn_conv", "cbn_conv", False, True),
+    # The authors' gradient convention (compensation_gradient=False).
+    ("cbn_authors", "cbn_authors", False, True),
+    ("cbn_authors_mask", "cbn_authors", True, True),
+    ("cbn_conv_authors", "cbn_conv_authors", False, True),
     ("bn_local", "bn", False, False),
     ("brn_local", "brn", False, False),
     ("cbn_local", "cbn", False, False),
@@ -67,12 +71,16 @@ def normalization(kind, synchronized):
         return keras_norms.BatchNormalization(**common)
     if kind == "brn":
         return keras_norms.BatchRenormalization(rmax=1.5, dmax=0.5, **common)
-    if kind == "cbn":
-        linear = keras.layers.Dense(6, use_bias=False)
-    else:
+    if kind.startswith("cbn_conv"):
         linear = keras.layers.Conv1D(6, 3, padding="same", use_bias=False)
+    else:
+        linear = keras.layers.Dense(6, use_bias=False)
     return keras_norms.CrossIterationBatchNormalization(
-        linear, window_size=3, burnin_steps=0, **common
+        linear,
+        window_size=3,
+        burnin_steps=0,
+        compensation_gradient=not kind.endswith("_authors"),
+        **common,
     )
 
 

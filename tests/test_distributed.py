@@ -19,7 +19,8 @@ from tests.helpers import run_script
 DISTRIBUTED = BACKEND in ("tensorflow", "jax")
 
 SYNCHRONIZED = ["bn", "bn_mask", "brn", "brn_mask", "cbn", "cbn_mask"]
-SYNCHRONIZED += ["cbn_conv"]
+SYNCHRONIZED += ["cbn_conv", "cbn_authors", "cbn_authors_mask"]
+SYNCHRONIZED += ["cbn_conv_authors"]
 LOCAL = ["bn_local", "brn_local", "cbn_local"]
 
 
@@ -50,6 +51,24 @@ def test_two_replicas_train_like_one(results, case):
     one, two = load(results, case)
     for i, (a, b) in enumerate(zip(one, two)):
         assert relative_difference(a, b) <= 1e-5, (case, i)
+
+
+@pytest.mark.skipif(not DISTRIBUTED, reason="no Keras distribution")
+@pytest.mark.parametrize(
+    "case,authors_case",
+    [
+        ("cbn", "cbn_authors"),
+        ("cbn_mask", "cbn_authors_mask"),
+        ("cbn_conv", "cbn_conv_authors"),
+    ],
+)
+def test_cbn_gradient_conventions_train_apart(results, case, authors_case):
+    """The runs above tell CBN's two gradient conventions apart: after 3
+    steps (2 with earlier statistics) their weights differ."""
+    exact, _ = load(results, case)
+    authors, _ = load(results, authors_case)
+    worst = max(relative_difference(a, b) for a, b in zip(exact, authors))
+    assert worst > 1e-3, worst
 
 
 @pytest.mark.skipif(not DISTRIBUTED, reason="no Keras distribution")

@@ -1,5 +1,6 @@
 """The examples run end to end (tiny settings) and report what they claim."""
 
+import json
 import re
 
 from tests.helpers import run_script
@@ -56,8 +57,8 @@ def test_digits_sequences_example_runs():
     assert all(0.0 <= float(a) <= 1.0 for _, a in lines)
 
 
-def test_small_batch_study_quick_writes_table_and_plot(tmp_path):
-    png = tmp_path / "study.png"
+def test_small_batch_study_quick_writes_table_plot_and_json(tmp_path):
+    png, records = tmp_path / "study.png", tmp_path / "study.json"
     result = run_script(
         "examples/small_batch_study.py",
         "--quick",
@@ -65,12 +66,61 @@ def test_small_batch_study_quick_writes_table_and_plot(tmp_path):
         "200",
         "--out",
         str(png),
+        "--json",
+        str(records),
     )
-    assert "| setting | BN | BRN | CBN |" in result.stdout
+    assert "| setting | BN | BRN | CBN | GN |" in result.stdout
     rows = re.findall(r"^\| batch .*\|$", result.stdout, re.MULTILINE)
     assert len(rows) == 3, result.stdout  # batch 4, batch 16, non-i.i.d.
-    assert re.search(r"\[  9/9\] CBN batch  16 2 cls", result.stdout)
+    assert re.search(r"\[ 12/12\] GN  batch  16 2 cls", result.stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = json.loads(records.read_text())["results"]
+    assert [
+        (r["layer"], r["batch_size"], r["classes_per_batch"]) for r in runs
+    ] == [
+        (layer, batch, classes)
+        for batch, classes in ((4, None), (16, None), (16, 2))
+        for layer in ("BN", "BRN", "CBN", "GN")
+    ]
+    for r in runs:
+        assert r["seed"] == 0 and r["seconds"] > 0, r
+        assert 0.0 <= r["accuracy"] <= 1.0, r
+    # The table's cells are the mean of these runs (one seed each here).
+    first = re.findall(r"(\d\.\d{3}) ±", rows[0])
+    assert [float(a) for a in first] == [
+        round(r["accuracy"], 3) for r in runs[:4]
+    ]
+
+
+def test_cbn_ablation_runs_every_variant(tmp_path):
+    records = tmp_path / "ablation.json"
+    result = run_script(
+        "examples/cbn_ablation.py",
+        "--batch-sizes",
+        "16",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--train-samples",
+        "200",
+        "--json",
+        str(records),
+    )
+    rows = re.findall(
+        r"^\| (\S.*?) \| (\S+) \| (\d\.\d{3}) ±", result.stdout, re.M
+    )
+    assert [(name, burnin) for name, burnin, _ in rows] == [
+        ("default", "0%"),
+        ("default", "10%"),
+        ("compensation_gradient=False", "0%"),
+        ("compensation_gradient=False", "10%"),
+        ("compensation=False", "0%"),
+        ("compensation=False", "10%"),
+        ("window_size=1 (BN)", "-"),
+    ], result.stdout
+    runs = json.loads(records.read_text())["results"]
+    assert len(runs) == 7
 
 
 def test_digits_inference_example_recomputes_folds_and_exports():
