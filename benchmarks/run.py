@@ -188,7 +188,7 @@ RATIOS = [
     ("train kn_bn / keras_bn", "train", "kn_bn", "keras_bn", None),
     ("train kn_brn / keras_renorm", "train", "kn_brn", "keras_renorm", 1.0),
     ("train kn_brn / kn_bn", "train", "kn_brn", "kn_bn", 1.1),
-    ("train conv+cbn / conv+bn", "train", "conv_kn_cbn", "conv_keras_bn", 1.5),
+    ("train conv+cbn / conv+bn", "train", "conv_kn_cbn", "conv_keras_bn", 1.3),
     ("infer kn_bn / keras_bn", "infer", "kn_bn", "keras_bn", 1.05),
     ("infer kn_brn / keras_bn", "infer", "kn_brn", "keras_bn", 1.05),
     ("infer conv+cbn / conv+bn", "infer", "conv_kn_cbn", "conv_keras_bn", 1.05),

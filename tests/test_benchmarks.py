@@ -90,3 +90,16 @@ def test_xla_formulations_benchmark_runs():
     result = run_script("benchmarks/xla_formulations.py", "--tiny")
     for label in ("keras xla", "fused no xla", "analytic xla"):
         assert label in result.stdout
+
+
+def test_cbn_speed_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "cbn.json"
+    result = run_script("benchmarks/cbn_speed.py", "--tiny", "--json", str(out))
+    report = json.loads(out.read_text())
+    for kind in ("keras_bn", "keras_norms_bn", "cbn", "cbn_authors"):
+        assert report[kind]["seconds"] > 0, report
+        low, high = report[kind]["range"]
+        assert 0 < low <= report[kind]["ratio"] <= high, report
+    assert report["cbn / cbn_authors"]["ratio"] > 0
+    assert report["cbn_buffer_floats"] <= report["cbn_buffer_bound"]
+    assert "target Conv2D + CBN <= 1.3x" in result.stdout
