@@ -49,11 +49,7 @@ def norm_layer(kind, units):
     if kind == "brn":
         return keras_norms.BatchRenormalization()
     if kind == "cbn":
-        return keras_norms.CBN(
-            keras.layers.Dense(units, use_bias=False),
-            window_size=4,
-            burnin_steps=200,
-        )
+        return keras_norms.CBN(keras.layers.Dense(units, use_bias=False))
     return None
 
 

@@ -421,15 +421,22 @@ def _in_xla_compilation():
         return True
 
 
-def _biased(variance, inputs):
-    """The biased variance from the kernel's Bessel-corrected one."""
+def _positions(inputs):
+    """The number of positions per feature of a features-last input: a
+    Python float for a known shape (a constant, no op), else a tensor."""
     import tensorflow as tf
 
     positions = inputs.shape[:-1]
     if None in positions:
-        n = tf.cast(tf.size(inputs) // inputs.shape[-1], variance.dtype)
-    else:  # a known shape: the factor is a constant, one multiply
-        n = float(math.prod(positions))
+        return tf.cast(tf.size(inputs) // inputs.shape[-1], inputs.dtype)
+    return float(math.prod(positions))
+
+
+def _biased(variance, inputs):
+    """The biased variance from the kernel's Bessel-corrected one."""
+    import tensorflow as tf
+
+    n = _positions(inputs)
     return variance * ((n - 1.0) / tf.maximum(n, 1.0))
 
 
@@ -526,5 +533,94 @@ def fused_renormalization(inputs, correct, scale, offset, epsilon):
         inputs,
         ones if scale is None else scale,
         tf.zeros_like(ones) if offset is None else offset,
+    )
+    return tf.reshape(outputs, shape)
+
+
+def fused_normalization(inputs, statistics, scale, offset, epsilon):
+    """Training-mode normalization with statistics derived from the batch's
+    moments, on TensorFlow's fused kernels (features last).
+
+    `(mean, variance) = statistics(batch_mean, batch_variance)` maps the
+    (two-pass) batch moments from the training-mode kernel to the
+    statistics that normalize, differentiably (e.g. averages with earlier
+    steps; `statistics` may update state). Returns
+    `(inputs - mean) / sqrt(variance + epsilon) * scale + offset`, one
+    inference-mode kernel call. The gradient: the inference-mode gradient
+    kernel gives the input's direct term and, from its by-products
+    `sum(dy * x_hat)` and `sum(dy)`, the gradients of `scale`, `offset`,
+    `mean` and `variance`; the batch moments add
+    `d_mean / N + d_variance * 2 (x - batch_mean) / N`, one multiply-add
+    per element. `scale`/`offset` may be None.
+    """
+    import tensorflow as tf
+
+    shape = tf.shape(inputs)
+    channels = inputs.shape[-1]
+    inputs = _as_nhwc(inputs)
+    dtype = inputs.dtype
+    ones = tf.ones((channels,), dtype)
+    zeros = tf.zeros((channels,), dtype)
+    positions = tf.maximum(_positions(inputs), 1.0)
+
+    @tf.custom_gradient
+    def batch_moments(x):
+        _, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=ones,
+            offset=zeros,
+            mean=tf.zeros((0,), dtype),
+            variance=tf.zeros((0,), dtype),
+            epsilon=epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )
+        variance = _biased(variance, x)
+
+        def grad(d_mean, d_variance):
+            b = 2.0 * d_variance / positions
+            return x * b + (d_mean / positions - mean * b)
+
+        return (mean, variance), grad
+
+    @tf.custom_gradient
+    def apply(x, mean, variance, scale, offset):
+        outputs, _, _, _, _, reserve = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=scale,
+            offset=offset,
+            mean=mean,
+            variance=variance,
+            epsilon=epsilon,
+            data_format="NHWC",
+            is_training=False,
+        )
+
+        def grad(dy):
+            dx, d_scale, d_offset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy,
+                x=x,
+                scale=scale,
+                reserve_space_1=mean,
+                reserve_space_2=variance,
+                reserve_space_3=reserve,
+                epsilon=epsilon,
+                data_format="NHWC",
+                is_training=False,
+            )
+            inv = tf.math.rsqrt(variance + epsilon)
+            d_mean = -scale * inv * d_offset
+            d_variance = -0.5 * scale * inv * inv * d_scale
+            return dx, d_mean, d_variance, d_scale, d_offset
+
+        return outputs, grad
+
+    mean, variance = statistics(*batch_moments(inputs))
+    outputs = apply(
+        inputs,
+        mean,
+        variance,
+        ones if scale is None else scale,
+        zeros if offset is None else offset,
     )
     return tf.reshape(outputs, shape)

@@ -237,25 +237,42 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         dtype = _stats.compute_dtype_for(inputs)
         inputs = ops.cast(inputs, dtype)
         kernel = ops.cast(self.layer.kernel, dtype)
-        outputs = _linear.apply(self.layer, inputs, kernel)
+        linear = _linear.apply(self.layer, inputs, kernel)
         if mask is not None:
             if not self.supports_masking:
                 raise ValueError(
                     "Argument `mask` is only supported when the wrapped "
                     "layer is a Dense layer."
                 )
-            _stats.check_mask(mask, outputs, (self._channel_axis,))
+            _stats.check_mask(mask, linear, (self._channel_axis,))
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
-        if training and self.trainable:
-            mean, variance = self._training_statistics(
-                inputs, outputs, kernel, mask
-            )
-        else:
+        if not (training and self.trainable):
             mean = ops.cast(self.moving_mean, dtype)
             variance = ops.cast(self.moving_variance, dtype)
+        elif mask is None and _stats.can_fuse(
+            linear, (self._channel_axis,), self.synchronized
+        ):
+            # TensorFlow's fused kernels (large inputs, not under XLA): the
+            # batch moments from the training-mode kernel, the output from
+            # the inference-mode one with the averaged statistics, and a
+            # closed-form gradient (README, "Speed").
+            outputs = _stats.fused_normalization(
+                linear,
+                lambda m, v: self._training_statistics(
+                    inputs, linear, kernel, None, moments=(m, v)
+                ),
+                gamma,
+                beta,
+                self.epsilon,
+            )
+            return ops.cast(outputs, self.compute_dtype)
+        else:
+            mean, variance = self._training_statistics(
+                inputs, linear, kernel, mask
+            )
         outputs = _stats.normalize(
-            outputs,
+            linear,
             mean,
             variance,
             gamma,
@@ -265,10 +282,13 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         return ops.cast(outputs, self.compute_dtype)
 
-    def _training_statistics(self, inputs, outputs, kernel, mask):
-        """The cross-iteration mean and variance; updates all state."""
+    def _training_statistics(self, inputs, outputs, kernel, mask, moments=None):
+        """The cross-iteration mean and variance; updates all state.
+
+        `moments`: this batch's `(mean, variance)` when a fused kernel has
+        computed them (no mask, one replica), else None."""
         mean, variance, count, dmu, dnu = self._batch_statistics(
-            inputs, outputs, mask
+            inputs, outputs, mask, moments
         )
         _stats.moving_average(self.moving_mean, mean, self.momentum, count)
         _stats.moving_average(
@@ -315,9 +335,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         self._push(kernel, mean, variance, dmu, dnu, count, step)
         return avg_mean, avg_var
 
-    def _batch_statistics(self, inputs, outputs, mask):
-        """This step's moments of `outputs` and, with a window, their
-        derivatives d mu / d W and d nu / d W (constants).
+    def _batch_statistics(self, inputs, outputs, mask, moments=None):
+        """This step's moments of `outputs` (or the given `moments`) and,
+        with a window, their derivatives d mu / d W and d nu / d W
+        (constants).
 
         Returns `(mean, variance, count, dmu, dnu)`, `count` None without a
         mask, `dmu`/`dnu` None when `window_size == 1`. With `synchronized`,
@@ -333,7 +354,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 None if mask is None else ops.cast(mask, outputs.dtype),
                 ops.ones((), outputs.dtype),
             )
-        if self.synchronized or _stats.global_batch_program():
+        if moments is not None:
+            (mean, variance), count = moments, None
+            total = None
+        elif self.synchronized or _stats.global_batch_program():
             mean, variance, total, sums = _stats.synchronized_moments(
                 outputs,
                 self._reduction_axes,
@@ -347,11 +371,11 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 outputs, self._reduction_axes, mask
             )
             total = count
-            if mask is None:
-                total = ops.cast(
-                    ops.size(outputs) // outputs.shape[self._channel_axis],
-                    outputs.dtype,
-                )
+        if total is None:
+            total = ops.cast(
+                ops.size(outputs) // outputs.shape[self._channel_axis],
+                outputs.dtype,
+            )
         if not sums:
             return mean, variance, count, None, None
         dmu, dnu = (s / ops.maximum(total, 1.0) for s in sums)
