@@ -18,12 +18,11 @@ first), at batch sizes 2 and 16. Prints a table of test accuracy
 """
 
 import argparse
-import json
-import os
 
 import numpy as np
 from small_batch_study import add_recipe_arguments
 from small_batch_study import run
+from small_batch_study import write_records
 
 # name: CrossIterationBatchNormalization arguments (window_size=1 is BN,
 # which a burn-in does not change: it runs once).
@@ -94,9 +93,7 @@ def main(argv=None):
         burnin = "-" if "window_size" in VARIANTS[name] else f"{fraction:.0%}"
         print(f"| {name} | {burnin} | " + " | ".join(cells) + " |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": records}, f, indent=1)
-        print(f"\nresults written to {os.path.abspath(args.json)}")
+        write_records(args.json, records)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,7 @@ from keras_norms.utils import recompute_statistics
 LAYERS = {
     "bn": lambda linear: [linear, keras_norms.BatchNormalization()],
     "brn": lambda linear: [linear, keras_norms.BatchRenormalization()],
-    "cbn": lambda linear: [
-        keras_norms.CBN(linear, window_size=4, burnin_steps=200)
-    ],
+    "cbn": lambda linear: [keras_norms.CBN(linear, window_size=4)],
 }
 
 

@@ -205,6 +205,13 @@ def plot(results, args, path):
     plt.close(fig)
 
 
+def write_records(path, records):
+    """Writes `{"results": records}`, one record per training run."""
+    with open(path, "w") as f:
+        json.dump({"results": records}, f, indent=1)
+    print(f"\nresults written to {os.path.abspath(path)}")
+
+
 def add_recipe_arguments(parser):
     """The data and training recipe, shared with examples/cbn_ablation.py."""
     parser.add_argument("--seeds", default="0,1,2")
@@ -300,9 +307,7 @@ def main(argv=None):
     plot(results, args, args.out)
     print(f"\nplot written to {os.path.abspath(args.out)}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": records}, f, indent=1)
-        print(f"results written to {os.path.abspath(args.json)}")
+        write_records(args.json, records)
 
 
 if __name__ == "__main__":
