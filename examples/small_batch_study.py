@@ -19,7 +19,7 @@ every minibatch of `--noniid-batch` (16) images holds only
 `--noniid-classes` (2) classes, as in section 4.2 of the Batch Renorm paper
 (there: 32 images from 16 classes of ImageNet).
 
-    python examples/small_batch_study.py            # about 7 minutes
+    python examples/small_batch_study.py            # about 10 minutes
     python examples/small_batch_study.py --quick    # under 1 minute
 """
 
