@@ -355,8 +355,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 ops.ones((), outputs.dtype),
             )
         if moments is not None:
-            (mean, variance), count = moments, None
-            total = None
+            (mean, variance), count, total = moments, None, None
         elif self.synchronized or _stats.global_batch_program():
             mean, variance, total, sums = _stats.synchronized_moments(
                 outputs,
