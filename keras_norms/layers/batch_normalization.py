@@ -68,6 +68,12 @@ class BatchNormalization(NormalizationParameters, Layer):
             layer and step) or a `keras.distribution` (JAX backend, where
             they are always global). Not available with PyTorch. Defaults
             to `False`.
+        renorm: Accepted so that a `keras.layers.BatchNormalization` config
+            loads; must be `False`. For batch renormalization use
+            `keras_norms.BatchRenormalization`.
+        renorm_clipping: Accepted with `renorm=False` (Keras ignores it
+            then too): `None` or a dict.
+        renorm_momentum: Accepted with `renorm=False` (unused), in [0, 1).
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -111,9 +117,13 @@ class BatchNormalization(NormalizationParameters, Layer):
         beta_constraint=None,
         gamma_constraint=None,
         synchronized=False,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        _check_keras_renorm_arguments(renorm, renorm_clipping, renorm_momentum)
         # Types are checked now, ranges against the input rank in build.
         _stats.canonicalize_axes(axis)
         # Python ints in the config (NumPy integers are accepted).
@@ -266,3 +276,20 @@ class BatchNormalization(NormalizationParameters, Layer):
             "synchronized": self.synchronized,
         }
         return {**super().get_config(), **config}
+
+
+def _check_keras_renorm_arguments(renorm, renorm_clipping, renorm_momentum):
+    """Keras's renormalization arguments, accepted when they ask for none."""
+    if _stats.check_bool("renorm", renorm):
+        raise ValueError(
+            "keras_norms.BatchNormalization does not renormalize. Received: "
+            "renorm=True. Use keras_norms.BatchRenormalization (its `rmax`, "
+            "`dmax` and `renorm_momentum` arguments) for batch "
+            "renormalization."
+        )
+    if renorm_clipping is not None and not isinstance(renorm_clipping, dict):
+        raise TypeError(
+            "Argument `renorm_clipping` must be None or a dict. Received: "
+            f"renorm_clipping={renorm_clipping!r}"
+        )
+    _stats.check_unit_interval("renorm_momentum", renorm_momentum)

@@ -132,6 +132,13 @@ class BatchRenormalization(BatchNormalization):
         renorm_momentum=0.99,
         **kwargs,
     ):
+        for key in ("renorm", "renorm_clipping"):
+            if key in kwargs:  # BatchNormalization's, for Keras's configs
+                raise TypeError(
+                    f"Unrecognized keyword argument for BatchRenormalization:"
+                    f" {key}={kwargs[key]!r}. Its clipping is `rmax` and "
+                    "`dmax`."
+                )
         super().__init__(
             axis=axis,
             momentum=momentum,

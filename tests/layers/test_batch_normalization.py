@@ -245,8 +245,57 @@ def test_config_round_trip():
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        dict(axis=1, momentum=0.8, epsilon=1e-4, center=False),
+        dict(scale=False, renorm_momentum=0.9, renorm_clipping={"rmax": 2.0}),
+    ],
+    ids=["defaults", "axis1_no_center", "no_scale_renorm_ignored"],
+)
+def test_loads_a_keras_config_and_computes_like_keras(kwargs):
+    """Every argument of Keras's BN is accepted (`renorm=False` and the
+    renorm arguments it ignores too): a Keras BN's config loads, and the
+    layer trains and infers like that Keras BN."""
+    keras_bn = keras.layers.BatchNormalization(**kwargs)
+    config = keras_bn.get_config()
+    assert config["renorm"] is False and "renorm_momentum" in config
+    ours = keras_norms.BatchNormalization.from_config(config)
+    shape = (6, 3, 4)
+    keras_bn.build(shape)
+    ours.build(shape)
+    rng = np.random.default_rng(0)
+    batches = [
+        (
+            rng.normal(step, 1.0 + step, size=shape).astype("float32"),
+            rng.normal(size=shape).astype("float32"),
+        )
+        for step in range(3)
+    ]
+    assert_trains_alike(
+        ours, keras_bn, batches, None, ("moving_mean", "moving_variance")
+    )
+    x = batches[0][0]
+    assert_close(to_numpy(ours(x)), to_numpy(keras_bn(x)), "inference")
+
+
+def test_renorm_true_points_to_batch_renormalization():
+    with pytest.raises(ValueError, match="keras_norms.BatchRenormalization"):
+        keras_norms.BatchNormalization(renorm=True)
+    config = keras.layers.BatchNormalization(renorm=True).get_config()
+    # Keras's `Layer.from_config` reraises the ValueError as a TypeError.
+    with pytest.raises(Exception, match="keras_norms.BatchRenormalization"):
+        keras_norms.BatchNormalization.from_config(config)
+    with pytest.raises(TypeError, match="renorm"):
+        keras_norms.BatchRenormalization(renorm=True)
+
+
+@pytest.mark.parametrize(
     "kwargs,error,needle",
     [
+        (dict(renorm="yes"), TypeError, "renorm"),
+        (dict(renorm_clipping=[3.0]), TypeError, "renorm_clipping"),
+        (dict(renorm_momentum=1.5), ValueError, "renorm_momentum"),
         (dict(momentum=1.0), ValueError, "momentum"),
         (dict(momentum=-0.1), ValueError, "momentum"),
         (dict(epsilon=0.0), ValueError, "epsilon"),
