@@ -93,6 +93,9 @@ def apply(layer, inputs, kernel):
     """The wrapped layer's linear map with `kernel` (no bias, no activation)."""
     if is_dense(layer):
         return ops.matmul(inputs, kernel)
+    # TensorFlow's convolution of an empty batch returns the input's shape
+    # (channels included); a reshape to the known shape costs nothing.
+    shape = layer.compute_output_shape(inputs.shape)
     padding = layer.padding
     if padding == "causal":  # Conv1D: pad the past, as Conv1D.call does
         extent = (layer.kernel_size[0] - 1) * layer.dilation_rate[0]
@@ -101,7 +104,7 @@ def apply(layer, inputs, kernel):
             pads = [(0, 0), (0, 0), (extent, 0)]
         inputs = ops.pad(inputs, pads)
         padding = "valid"
-    return ops.conv(
+    outputs = ops.conv(
         inputs,
         kernel,
         strides=layer.strides,
@@ -109,6 +112,9 @@ def apply(layer, inputs, kernel):
         data_format=layer.data_format,
         dilation_rate=layer.dilation_rate,
     )
+    if None not in shape[1:]:
+        outputs = ops.reshape(outputs, (-1,) + tuple(shape[1:]))
+    return outputs
 
 
 def statistic_gradients(layer, inputs, outputs, weights, count):

@@ -304,16 +304,23 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
     return ops.squeeze(mean, axis=axes), variance, count
 
 
-def moving_average(variable, value, momentum, count=None):
-    """Assigns `variable * momentum + value * (1 - momentum)` to `variable`.
-
-    When `count` is given and is 0 (an all-masked batch), the variable keeps
-    its value. Returns the new value in `value`'s dtype.
-    """
-    old = ops.cast(variable, value.dtype)
-    new = old * momentum + value * (1.0 - momentum)
+def updatable(mean, variance, count=None):
+    """Per feature, whether a batch's statistics may enter the moving ones:
+    both finite (an empty batch's are NaN, and so are those of a feature
+    with a NaN or inf in the batch) and, with a mask, from at least one
+    position. The one rule every layer's statistics updates follow."""
+    update = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
     if count is not None:
-        new = ops.where(count > 0, new, old)
+        update = ops.logical_and(update, count > 0)
+    return update
+
+
+def moving_average(variable, value, momentum, update):
+    """Assigns `variable * momentum + value * (1 - momentum)` to `variable`
+    where `update` (see `updatable`) is true; elsewhere the variable keeps
+    its value. Returns the new value in `value`'s dtype."""
+    old = ops.cast(variable, value.dtype)
+    new = ops.where(update, old * momentum + value * (1.0 - momentum), old)
     variable.assign(ops.cast(new, variable.dtype))
     return new
 

@@ -263,9 +263,10 @@ class BatchNormalization(NormalizationParameters, Layer):
         correction `(r, d)`: `x_hat * r + d` replaces `x_hat`
         (renormalization).
         """
-        _stats.moving_average(self.moving_mean, mean, self.momentum, count)
+        update = _stats.updatable(mean, variance, count)
+        _stats.moving_average(self.moving_mean, mean, self.momentum, update)
         _stats.moving_average(
-            self.moving_variance, variance, self.momentum, count
+            self.moving_variance, variance, self.momentum, update
         )
         return None
 

@@ -270,15 +270,16 @@ class BatchRenormalization(BatchNormalization):
         r = ops.clip(stddev / renorm_stddev, 1.0 / rmax, rmax)
         d = ops.clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)
 
+        update = _stats.updatable(mean, variance, count)
         _stats.moving_average(
-            self.renorm_mean, mean, self.renorm_momentum, count
+            self.renorm_mean, mean, self.renorm_momentum, update
         )
         _stats.moving_average(
-            self.renorm_stddev, stddev, self.renorm_momentum, count
+            self.renorm_stddev, stddev, self.renorm_momentum, update
         )
-        _stats.moving_average(self.moving_mean, mean, self.momentum, count)
+        _stats.moving_average(self.moving_mean, mean, self.momentum, update)
         moving_stddev = _stats.moving_average(
-            self.moving_stddev, stddev, self.momentum, count
+            self.moving_stddev, stddev, self.momentum, update
         )
         self.moving_variance.assign(
             ops.cast(

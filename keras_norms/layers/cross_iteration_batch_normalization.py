@@ -290,9 +290,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         mean, variance, count, dmu, dnu = self._batch_statistics(
             inputs, outputs, mask, moments
         )
-        _stats.moving_average(self.moving_mean, mean, self.momentum, count)
+        update = _stats.updatable(mean, variance, count)
+        _stats.moving_average(self.moving_mean, mean, self.momentum, update)
         _stats.moving_average(
-            self.moving_variance, variance, self.momentum, count
+            self.moving_variance, variance, self.momentum, update
         )
         step = ops.copy(self.step.value)  # a snapshot, before the increment
         self.step.assign_add(ops.cast(1, "int32"))
@@ -332,7 +333,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         avg_var = (variance + ops.sum(use * past_var, axis=0) + spread) / n
 
-        self._push(kernel, mean, variance, dmu, dnu, count, step)
+        self._push(kernel, mean, variance, dmu, dnu, update, step)
         return avg_mean, avg_var
 
     def _batch_statistics(self, inputs, outputs, mask, moments=None):
@@ -380,12 +381,19 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         dmu, dnu = (s / ops.maximum(total, 1.0) for s in sums)
         return mean, variance, count, dmu, dnu
 
-    def _push(self, kernel, mean, variance, dmu, dnu, count, step):
-        """Stores this step's statistics and derivatives in the buffer
-        (not during burn-in, nor for an all-masked batch)."""
-        push = step >= self.burnin_steps
-        if count is not None:
-            push = ops.logical_and(push, count > 0)
+    def _push(self, kernel, mean, variance, dmu, dnu, update, step):
+        """Stores this step's statistics and derivatives in the buffer: not
+        during burn-in, and not when any channel's statistics may not enter
+        the moving ones (`update`, e.g. an empty or all-masked batch, a NaN
+        or inf): one window position holds one step for every channel,
+        whose shared `dmu` is not finite whenever the input is not."""
+        push = ops.logical_and(step >= self.burnin_steps, ops.all(update))
+        push = ops.logical_and(
+            push,
+            ops.logical_and(
+                ops.all(ops.isfinite(dmu)), ops.all(ops.isfinite(dnu))
+            ),
+        )
         values = (
             (self.past_kernel, ops.stop_gradient(kernel)),
             (self.past_dmu, dmu),

@@ -1,0 +1,172 @@
+"""Bad batches never poison the statistics (all three layers).
+
+An empty batch, or a batch whose statistics are not finite for some
+channels (a NaN or inf in it), leaves the moving statistics of those
+channels (BRN's renorm statistics, CBN's window buffer) as they were; the
+other channels update as from the same batch without the bad values, and
+the next good batch trains as if the bad one had never come.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_norms
+from tests.helpers import assert_close
+from tests.helpers import to_numpy
+from tests.helpers import train_call
+
+SHAPES = {"dense": (6, 5, 4), "conv2d": (3, 5, 5, 2)}
+
+
+def make(kind, linear):
+    if kind == "bn":
+        return keras_norms.BatchNormalization(momentum=0.5)
+    if kind == "brn":
+        return keras_norms.BatchRenormalization(
+            momentum=0.5, renorm_momentum=0.5, rmax=1.5, dmax=0.5
+        )
+    inner = (
+        keras.layers.Dense(3, use_bias=False)
+        if linear == "dense"
+        else keras.layers.Conv2D(3, 3, padding="same", use_bias=False)
+    )
+    return keras_norms.CBN(inner, window_size=3, momentum=0.5)
+
+
+CASES = [
+    ("bn", "dense"),
+    ("brn", "dense"),
+    ("cbn", "dense"),
+    ("bn", "conv2d"),
+    ("brn", "conv2d"),
+    ("cbn", "conv2d"),
+]
+
+
+def twins(kind, linear):
+    """Two layers with the same weights, built for the case's shape."""
+    layers = []
+    for _ in range(2):
+        keras.utils.set_random_seed(3)
+        layer = make(kind, linear)
+        layer.build(SHAPES[linear])
+        layers.append(layer)
+    return layers
+
+
+def state(layer):
+    """Every statistic and buffer, without the step counters."""
+    return {
+        w.name: to_numpy(w)
+        for w in layer.non_trainable_weights
+        if w.name != "step"
+    }
+
+
+def mask_for(shape, masked):
+    if not masked or len(shape) != 3:
+        return None
+    mask = np.ones(shape[:-1], bool)
+    mask[:, -2:] = False  # padding at the end of every sequence
+    return mask
+
+
+def batches(shape, seed):
+    rng = np.random.default_rng(seed)
+    out_shape = shape[:-1] + (3 if len(shape) > 3 else shape[-1],)
+    return [
+        (
+            rng.normal(1.0, 2.0, size=shape).astype("float32"),
+            rng.normal(size=out_shape).astype("float32"),
+        )
+        for _ in range(4)
+    ]
+
+
+def dy_for(layer, x, seed=0):
+    shape = layer.compute_output_shape(x.shape)
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+# Masks on sequences (CBN takes them with a Dense only).
+MASKED_CASES = [
+    (kind, linear, masked)
+    for kind, linear in CASES
+    for masked in (False, True)
+    if linear == "dense" or not masked
+]
+
+
+@pytest.mark.parametrize("bad", ["empty", "nan", "inf"])
+@pytest.mark.parametrize(
+    "kind,linear,masked",
+    MASKED_CASES,
+    ids=[
+        f"{k}-{lin}-{'mask' if m else 'nomask'}" for k, lin, m in MASKED_CASES
+    ],
+)
+def test_bad_batch_changes_no_statistic_and_training_goes_on(
+    kind, linear, masked, bad, kernel_path
+):
+    shape = SHAPES[linear]
+    mask = mask_for(shape, masked)
+    ours, twin = twins(kind, linear)
+    good = batches(shape, seed=1)
+    for x, _ in good[:2]:  # fill CBN's window; move the statistics
+        for layer in (ours, twin):
+            train_call(layer, x, dy_for(layer, x), mask)
+    before = state(ours)
+
+    x = good[2][0].copy()
+    bad_mask = mask
+    if bad == "empty":
+        x = x[:0]
+        bad_mask = None if mask is None else mask[:0]
+    else:
+        # At a real (unmasked) position: the statistics see it.
+        x[(0,) * (x.ndim - 1)] = np.nan if bad == "nan" else np.inf
+    y, _, _ = train_call(ours, x, dy_for(ours, x), bad_mask)
+    if bad == "empty":
+        assert y.shape[0] == 0
+    after = state(ours)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], name)
+
+    # The next good batch trains as if the bad one had never come.
+    x = good[3][0]
+    dy = dy_for(ours, x, seed=5)
+    y1, dx1, g1 = train_call(ours, x, dy, mask)
+    y2, dx2, g2 = train_call(twin, x, dy, mask)
+    assert np.all(np.isfinite(y1))
+    assert_close(y1, y2, "outputs")
+    assert_close(dx1, dx2, "input gradient")
+    for name in g1:
+        assert_close(g1[name], g2[name], name)
+    for name, value in state(twin).items():
+        assert_close(state(ours)[name], value, name)
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_only_the_bad_channel_keeps_its_statistics(kind, kernel_path):
+    """A NaN in one channel: that channel's statistics stay, the others
+    update exactly as from the same batch with that value finite."""
+    shape = SHAPES["dense"]
+    ours, twin = twins(kind, "dense")
+    x = batches(shape, seed=2)[0][0]
+    for layer in (ours, twin):
+        train_call(layer, x, dy_for(layer, x))
+    before = state(ours)
+    bad = x + 1.0
+    finite = bad.copy()
+    bad[1, 2, 3] = np.nan
+    train_call(ours, bad, dy_for(ours, bad))
+    train_call(twin, finite, dy_for(twin, finite))
+    for name, value in state(ours).items():
+        if name in ("rmax", "dmax"):
+            continue
+        np.testing.assert_array_equal(value[3], before[name][3], name)
+        assert not np.allclose(state(twin)[name][3], before[name][3]), name
+        np.testing.assert_allclose(
+            value[:3], state(twin)[name][:3], rtol=1e-6, err_msg=name
+        )
