@@ -315,6 +315,20 @@ def updatable(mean, variance, count=None):
     return update
 
 
+def zero_if_empty(inputs, *statistics):
+    """`statistics` of `inputs`, or zeros when `inputs` has no element.
+
+    An empty batch's moments are NaN (0 / 0). Its output is empty whatever
+    normalizes it, but a NaN statistic would still turn the gradients of
+    the weights it meets into NaN (0 * NaN); zeros keep them at 0. A batch
+    of a known, non-zero size costs nothing here."""
+    shape = tuple(inputs.shape)
+    if None not in shape and math.prod(shape) > 0:
+        return statistics
+    nonempty = ops.size(inputs) > 0
+    return tuple(ops.where(nonempty, s, ops.zeros_like(s)) for s in statistics)
+
+
 def moving_average(variable, value, momentum, update):
     """Assigns `variable * momentum + value * (1 - momentum)` to `variable`
     where `update` (see `updatable`) is true; elsewhere the variable keeps

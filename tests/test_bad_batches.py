@@ -126,9 +126,11 @@ def test_bad_batch_changes_no_statistic_and_training_goes_on(
     else:
         # At a real (unmasked) position: the statistics see it.
         x[(0,) * (x.ndim - 1)] = np.nan if bad == "nan" else np.inf
-    y, _, _ = train_call(ours, x, dy_for(ours, x), bad_mask)
-    if bad == "empty":
-        assert y.shape[0] == 0
+    y, dx, grads = train_call(ours, x, dy_for(ours, x), bad_mask)
+    if bad == "empty":  # an empty output, and gradients of 0
+        assert y.shape[0] == 0 and dx.shape[0] == 0
+        for name, grad in grads.items():
+            np.testing.assert_array_equal(grad, 0.0, name)
     after = state(ours)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], name)
@@ -170,3 +172,50 @@ def test_only_the_bad_channel_keeps_its_statistics(kind, kernel_path):
         np.testing.assert_allclose(
             value[:3], state(twin)[name][:3], rtol=1e-6, err_msg=name
         )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="Keras's JAX and torch trainers refuse an empty batch's loss",
+)
+@pytest.mark.parametrize("kind", ["bn", "brn", "cbn"])
+def test_fit_on_data_whose_last_batch_is_empty(kind):
+    """`fit()` on batches of 8, 8 and 0 (the last shard of a dataset) ends
+    with the weights of `fit()` on the two real batches: the empty batch
+    changes no statistic (Keras's own BN turns every weight to NaN)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, size=(16, 5, 4)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+
+    def batches(with_empty):
+        while True:
+            yield x[:8], y[:8]
+            yield x[8:], y[8:]
+            if with_empty:
+                yield x[:0], y[:0]
+
+    def trained(with_empty):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential(
+            [
+                keras.Input((5, 4)),
+                keras.layers.Dense(3, use_bias=False),
+                make(kind, "dense"),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.fit(
+            batches(with_empty),
+            steps_per_epoch=3 if with_empty else 2,
+            epochs=2,
+            verbose=0,
+        )
+        return model
+
+    ours, twin = trained(True), trained(False)
+    assert np.all(np.isfinite(to_numpy(ours.predict(x, verbose=0))))
+    for a, b in zip(ours.weights, twin.weights):
+        if a.name != "step":
+            assert_close(to_numpy(a), to_numpy(b), a.path)

@@ -246,6 +246,7 @@ class BatchNormalization(NormalizationParameters, Layer):
             shift=ops.cast(self.moving_mean, inputs.dtype),
         )
         correction = self.update_statistics(mean, variance, count)
+        mean, variance = _stats.zero_if_empty(inputs, mean, variance)
         if correction is not None:
             gamma, beta = _stats.compose(*correction, gamma, beta)
         outputs = _stats.normalize(

@@ -287,6 +287,10 @@ class BatchRenormalization(BatchNormalization):
                 self.moving_variance.dtype,
             )
         )
+        # Where the batch's statistics are unusable (e.g. an empty batch),
+        # no correction: a NaN one would reach the weights' gradients.
+        r = ops.where(update, r, 1.0)
+        d = ops.where(update, d, 0.0)
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def get_config(self):

@@ -297,6 +297,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         step = ops.copy(self.step.value)  # a snapshot, before the increment
         self.step.assign_add(ops.cast(1, "int32"))
+        mean, variance = _stats.zero_if_empty(outputs, mean, variance)
         if self.window_size == 1:
             return mean, variance
 
