@@ -219,3 +219,25 @@ def test_fit_on_data_whose_last_batch_is_empty(kind):
     for a, b in zip(ours.weights, twin.weights):
         if a.name != "step":
             assert_close(to_numpy(a), to_numpy(b), a.path)
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn", "cbn"])
+def test_float16_overflow_leaves_the_statistics(kind):
+    """Under `mixed_float16`, a batch that overflowed before the layer (an
+    inf in float16) changes no statistic of the channels it reaches."""
+    keras.config.set_dtype_policy("mixed_float16")
+    shape = SHAPES["dense"]
+    layer = make(kind, "dense")
+    layer.build(shape)
+    x = batches(shape, seed=3)[0][0].astype("float16")
+    train_call(layer, x, dy_for(layer, x))
+    before = state(layer)
+    overflow = x.copy()
+    overflow[0, 0] = np.float16(6e4) * np.float16(2.0)  # inf in float16
+    assert np.all(np.isinf(overflow[0, 0]))
+    train_call(layer, overflow, dy_for(layer, overflow))
+    after = state(layer)
+    # The inf reaches every channel (CBN's Dense mixes them all).
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, name)
+    assert all(np.all(np.isfinite(v)) for v in after.values())
