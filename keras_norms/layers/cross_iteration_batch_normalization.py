@@ -307,16 +307,16 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         past_mu = ops.cast(self.past_mu, dtype)
         past_nu = ops.cast(self.past_nu, dtype)
         if self.compensation:
-            if not self.compensation_gradient:
-                kernel = ops.stop_gradient(kernel)
-            delta = kernel - ops.cast(self.past_kernel, dtype)
-            kernel_axes = tuple(range(1, len(delta.shape) - 1))
             past_dmu = ops.cast(self.past_dmu, dtype)
             past_dnu = ops.cast(self.past_dnu, dtype)
             if self.compensation_gradient:
                 # The backward pass reads them after `_push` has written
                 # the buffers (in place on PyTorch): take this step's copy.
                 past_dmu, past_dnu = ops.copy(past_dmu), ops.copy(past_dnu)
+            else:
+                kernel = ops.stop_gradient(kernel)
+            delta = kernel - ops.cast(self.past_kernel, dtype)
+            kernel_axes = tuple(range(1, len(delta.shape) - 1))
             past_mu = past_mu + ops.sum(past_dmu * delta, axis=kernel_axes)
             past_nu = past_nu + ops.sum(past_dnu * delta, axis=kernel_axes)
         past_var = past_nu - ops.square(past_mu)
