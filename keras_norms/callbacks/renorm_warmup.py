@@ -74,6 +74,9 @@ class RenormWarmup(Callback):
     `TensorBoard`, which read the logs in list order). When training ends
     the layers keep the last values as constants.
 
+    A layer's lower clip of `r` follows: `1 / rmax` at each step when the
+    layer's `rmin` is `None` (the default), its own constant otherwise.
+
     The layer's step counts its training calls: a layer called several
     times per train step (shared, or inside `TimeDistributed`) moves along
     its schedule that many times per step.

@@ -23,7 +23,7 @@ class BatchRenormalization(BatchNormalization):
     the batch moments, and `mean_r`, `std_r` running averages of them kept
     with `renorm_momentum`:
 
-    - `r = stop_gradient(clip(std_b / std_r, 1 / rmax, rmax))`
+    - `r = stop_gradient(clip(std_b / std_r, rmin, rmax))`
     - `d = stop_gradient(clip((mean_b - mean_r) / std_r, -dmax, dmax))`
     - `outputs = gamma * ((inputs - mean_b) / std_b * r + d) + beta`
 
@@ -68,14 +68,24 @@ class BatchRenormalization(BatchNormalization):
             layer and step) or a `keras.distribution` (JAX backend, where
             they are always global). Not available with PyTorch. Defaults
             to `False`.
-        rmax: Initial upper clip of `r` (its lower clip is `1 / rmax`),
-            at least 1. Defaults to `3.0`.
-        dmax: Initial clip of `|d|`, at least 0. Defaults to `5.0`.
+        rmax: Initial upper clip of `r`, at least `rmin` (at least 1 when
+            `rmin` is `None`); `float("inf")` for none. Defaults to `3.0`.
+        dmax: Initial clip of `|d|`, at least 0; `float("inf")` for none.
+            Defaults to `5.0`.
         renorm_momentum: Momentum of the running mean and standard deviation
             that `r` and `d` are computed from, in [0, 1). It affects
             training: too small adds noise, too large makes them stale.
             Defaults to `0.99`.
+        rmin: Lower clip of `r`: `None` for `1 / rmax`, the paper's
+            choice, which follows `rmax` as it warms up; or a constant in
+            [0, rmax] (`0` for none). Defaults to `None`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    A `keras.layers.BatchNormalization(renorm=True)` config loads with
+    `BatchRenormalization.from_config`: its `renorm_clipping` keys become
+    `rmax`, `rmin` and `dmax` (a missing key is no clip: `inf`, `0`,
+    `inf`, as in Keras), and that layer's weights load with `set_weights`;
+    the layer then trains and infers as Keras's.
 
     Call arguments:
         inputs: Input tensor of rank 2 or more.
@@ -130,14 +140,17 @@ class BatchRenormalization(BatchNormalization):
         rmax=3.0,
         dmax=5.0,
         renorm_momentum=0.99,
+        rmin=None,
         **kwargs,
     ):
         for key in ("renorm", "renorm_clipping"):
             if key in kwargs:  # BatchNormalization's, for Keras's configs
                 raise TypeError(
                     f"Unrecognized keyword argument for BatchRenormalization:"
-                    f" {key}={kwargs[key]!r}. Its clipping is `rmax` and "
-                    "`dmax`."
+                    f" {key}={kwargs[key]!r}. Its clipping is `rmax`, `rmin` "
+                    "and `dmax`; `BatchRenormalization.from_config` maps a "
+                    "Keras BatchNormalization config's `renorm_clipping` "
+                    "onto them."
                 )
         super().__init__(
             axis=axis,
@@ -164,7 +177,7 @@ class BatchRenormalization(BatchNormalization):
                     "callback or `layer.set_clipping_schedule`. Received: "
                     f"{name}={value!r}"
                 )
-        self.rmax = check_rmax("rmax", rmax)
+        self.rmax, self.rmin = check_clipping(rmax, rmin)
         self.dmax = check_dmax("dmax", dmax)
         self.renorm_momentum = _stats.check_unit_interval(
             "renorm_momentum", renorm_momentum
@@ -243,12 +256,14 @@ class BatchRenormalization(BatchNormalization):
         self._dmax_schedule = dmax
 
     def _clipping(self):
-        """The (rmax, dmax) of this training step; advances the step."""
+        """The (rmax, rmin, dmax) of this training step; advances the step."""
         step = ops.cast(self.step, "float32")
         rmax, dmax = self.rmax_value, self.dmax_value
         if self._rmax_schedule is not None:
+            # At least 1, and at least an explicit `rmin`.
+            floor = max(1.0, self.rmin or 0.0)
             rmax = ops.maximum(
-                ops.cast(self._rmax_schedule(step), "float32"), 1.0
+                ops.cast(self._rmax_schedule(step), "float32"), floor
             )
             self.rmax_value.assign(rmax)
         if self._dmax_schedule is not None:
@@ -257,17 +272,19 @@ class BatchRenormalization(BatchNormalization):
             )
             self.dmax_value.assign(dmax)
         self.step.assign_add(ops.cast(1, self.step.dtype))
-        return ops.convert_to_tensor(rmax), ops.convert_to_tensor(dmax)
+        rmax = ops.convert_to_tensor(rmax)
+        rmin = 1.0 / rmax if self.rmin is None else self.rmin
+        return rmax, rmin, ops.convert_to_tensor(dmax)
 
     def update_statistics(self, mean, variance, count):
         dtype = mean.dtype
-        rmax, dmax = (ops.cast(v, dtype) for v in self._clipping())
+        rmax, rmin, dmax = (ops.cast(v, dtype) for v in self._clipping())
         stddev = ops.sqrt(variance + self.epsilon)
         renorm_mean = ops.cast(self.renorm_mean, dtype)
         renorm_stddev = ops.maximum(
             ops.cast(self.renorm_stddev, dtype), self.epsilon**0.5
         )
-        r = ops.clip(stddev / renorm_stddev, 1.0 / rmax, rmax)
+        r = ops.clip(stddev / renorm_stddev, rmin, rmax)
         d = ops.clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)
 
         update = _stats.updatable(mean, variance, count)
@@ -293,13 +310,71 @@ class BatchRenormalization(BatchNormalization):
         d = ops.where(update, d, 0.0)
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
+    def set_weights(self, weights):
+        """Sets the layer's weights from a list of NumPy arrays.
+
+        Also takes the weights of a `keras.layers.BatchNormalization` with
+        `renorm=True` (this layer's without `rmax`, `dmax` and `step`,
+        which keep their values).
+        """
+        weights = list(weights)
+        if len(weights) == len(self.weights) - 3:
+            weights += [
+                ops.convert_to_numpy(v)
+                for v in (self.rmax_value, self.dmax_value, self.step)
+            ]
+        super().set_weights(weights)
+
     def get_config(self):
         config = {
             "rmax": self.rmax,
             "dmax": self.dmax,
             "renorm_momentum": self.renorm_momentum,
+            "rmin": self.rmin,
         }
         return {**super().get_config(), **config}
+
+    @classmethod
+    def from_config(cls, config):
+        """Also takes a `keras.layers.BatchNormalization` config.
+
+        With `renorm=True`, its `renorm_clipping` becomes `rmax`, `rmin`
+        and `dmax` (a missing key is no clip, as in Keras); with
+        `renorm=False` the layer gets the default clipping.
+        """
+        config = dict(config)
+        if "renorm" in config or "renorm_clipping" in config:
+            config.update(_clipping_from_keras(config))
+        return super().from_config(config)
+
+
+def _clipping_from_keras(config):
+    """Pops Keras's `renorm`, `renorm_clipping` from a BatchNormalization
+    config; returns the `rmax`, `rmin`, `dmax` arguments they mean."""
+    renorm = config.pop("renorm", True)
+    clipping = config.pop("renorm_clipping", None)
+    if not _stats.check_bool("renorm", renorm):
+        return {}
+    clipping = dict(clipping or {})
+    keys = ("rmax", "rmin", "dmax")
+    unknown = sorted(set(clipping) - set(keys))
+    if unknown:
+        raise ValueError(
+            f"Received invalid keys for `renorm_clipping`: {unknown}. "
+            f"Supported keys: {list(keys)}. Received: "
+            f"renorm_clipping={clipping}"
+        )
+    twice = sorted(set(keys) & set(config))
+    if twice:
+        raise ValueError(
+            f"The config gives {twice} both as arguments and in "
+            f"`renorm_clipping`. Received: renorm_clipping={clipping}"
+        )
+    unbounded = {"rmax": float("inf"), "rmin": 0.0, "dmax": float("inf")}
+    return {
+        key: unbounded[key] if clipping.get(key) is None else clipping[key]
+        for key in keys
+    }
 
 
 def check_rmax(name, value):
@@ -311,6 +386,22 @@ def check_rmax(name, value):
             f"[1/{name}, {name}]). Received: {name}={value}"
         )
     return value
+
+
+def check_clipping(rmax, rmin):
+    """Coerces `rmax` and `rmin` (None: 1/rmax) to floats and checks that
+    0 <= rmin <= rmax."""
+    if rmin is None:
+        return check_rmax("rmax", rmax), None
+    rmax = _stats.check_number("rmax", rmax, "at least `rmin`")
+    rmin = _stats.check_number("rmin", rmin, "in [0, rmax], or None")
+    if not 0.0 <= rmin <= rmax:  # NaN fails too
+        raise ValueError(
+            "Arguments `rmin` and `rmax` must satisfy 0 <= rmin <= rmax (r "
+            f"is clipped to [rmin, rmax]). Received: rmin={rmin}, "
+            f"rmax={rmax}"
+        )
+    return rmax, rmin
 
 
 def check_dmax(name, value):

@@ -61,6 +61,154 @@ def test_trains_like_keras_renorm(shape, masked, rmax, dmax, kernel_path):
     )
 
 
+@pytest.mark.parametrize(
+    "shape,masked",
+    [((16, 5), False), ((4, 3, 3, 5), False), ((4, 6, 5), True)],
+    ids=["2d", "4d", "3d_mask"],
+)
+@pytest.mark.parametrize(
+    "clipping",
+    [
+        {"rmax": 1.5, "rmin": 0.8, "dmax": 0.5},
+        {"rmax": 1.2},
+        {"rmin": 0.9, "dmax": 0.2},
+        {},
+    ],
+    ids=["all_keys", "rmax_only", "rmin_dmax", "none"],
+)
+def test_keras_renorm_config_and_weights_train_alike(
+    shape, masked, clipping, kernel_path
+):
+    """A Keras renorm layer, trained a few steps, moves into
+    `BatchRenormalization` by its config and weights: missing clipping keys
+    are no clip, an `rmin` other than 1/rmax is kept, and the two layers
+    then train and infer alike (outputs, gradients, five statistics)."""
+    theirs = keras.layers.BatchNormalization(
+        renorm=True,
+        renorm_clipping=clipping,
+        renorm_momentum=0.7,
+        momentum=0.9,
+    )
+    mask = random_mask(shape, (len(shape) - 1,)) if masked else None
+    for x, dy in _batches(shape, steps=2, seed=5):
+        sgd_update(theirs, train_call(theirs, x, dy, mask)[2])
+    ours = keras_norms.BatchRenormalization.from_config(theirs.get_config())
+    unbounded = {"rmax": np.inf, "rmin": 0.0, "dmax": np.inf}
+    for key, value in unbounded.items():
+        assert getattr(ours, key) == clipping.get(key, value)
+    ours.build(shape)
+    ours.set_weights(theirs.get_weights())
+    assert to_numpy(ours.rmax_value) == np.float32(ours.rmax)
+    assert_trains_alike(ours, theirs, _batches(shape, steps=4), mask, STATS)
+    x, _ = next(_batches(shape, 1, seed=3))
+    assert_close_to_reference(
+        to_numpy(ours(x)), to_numpy(theirs(x)), "inference"
+    )
+
+
+def test_keras_renorm_config_error_and_plain_config():
+    config = keras.layers.BatchNormalization(renorm=True).get_config()
+    config["renorm_clipping"] = {"rmax": 2.0, "r_max": 3.0}
+    with pytest.raises(ValueError, match="r_max"):
+        keras_norms.BatchRenormalization.from_config(config)
+    # Keras's `Layer.from_config` reraises the constructor's ValueError as
+    # a TypeError that quotes it.
+    config["renorm_clipping"] = {"rmax": 0.5, "rmin": 0.7}
+    with pytest.raises((TypeError, ValueError), match="rmin <= rmax"):
+        keras_norms.BatchRenormalization.from_config(config)
+    config["renorm_clipping"] = {"dmax": -1.0}
+    with pytest.raises((TypeError, ValueError), match="dmax"):
+        keras_norms.BatchRenormalization.from_config(config)
+    # A plain BN's config (renorm=False) gets the default clipping.
+    plain = keras.layers.BatchNormalization(momentum=0.9, axis=1)
+    layer = keras_norms.BatchRenormalization.from_config(plain.get_config())
+    assert (layer.rmax, layer.rmin, layer.dmax) == (3.0, None, 5.0)
+    assert (layer.momentum, layer.axis) == (0.9, 1)
+
+
+def test_keras_renorm_model_converts():
+    """A trained Keras model with a renorm layer becomes one with
+    BatchRenormalization by `clone_model`, the layer's `from_config` and
+    `set_weights`: same statistics, same predictions."""
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(
+                renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}
+            ),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(32, 4)).astype("float32")
+    model.compile("sgd", "mse")
+    model.fit(x, rng.normal(size=(32, 3)), batch_size=8, verbose=0)
+
+    def convert(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config = layer.get_config()
+            return keras_norms.BatchRenormalization.from_config(config)
+        return layer.__class__.from_config(layer.get_config())
+
+    ours = keras.models.clone_model(model, clone_function=convert)
+    for new, old in zip(ours.layers, model.layers):
+        new.set_weights(old.get_weights())
+    layer = ours.layers[-1]
+    assert isinstance(layer, keras_norms.BatchRenormalization)
+    assert (layer.rmax, layer.rmin, layer.dmax) == (2.0, 0.0, 1.0)
+    for name in STATS:
+        assert_close_to_reference(
+            to_numpy(getattr(layer, name)),
+            to_numpy(getattr(model.layers[-1], name)),
+            name,
+        )
+    assert_close_to_reference(
+        ours.predict(x, verbose=0), model.predict(x, verbose=0), "predict"
+    )
+
+
+@pytest.mark.parametrize("rmin", [None, 0.2], ids=["1_over_rmax", "fixed"])
+def test_rmin_follows_rmax_unless_given(rmin, kernel_path):
+    """With `rmin=None` the lower clip of r is 1/rmax at each step of a
+    schedule; an explicit `rmin` stays put. r is read from the outputs of
+    batches much narrower than the renorm statistics (r = 0.1 unclipped)."""
+    eps = 1e-3
+    layer = keras_norms.BatchRenormalization(
+        rmin=rmin, dmax=0.0, renorm_momentum=0.99, epsilon=eps
+    )
+    schedule = {0: 1.0, 1: 2.0, 2: 4.0, 3: 20.0}
+    layer.set_clipping_schedule(rmax=lambda step: 2.0**step)
+    rng = np.random.default_rng(0)
+    for step, rmax in schedule.items():
+        if step == 3:
+            rmax = 8.0
+        renorm_stddev = to_numpy(layer.renorm_stddev) if layer.built else 1.0
+        x = rng.normal(0.0, 0.1, size=(64, 3)).astype("float32")
+        y = to_numpy(layer(x, training=True))
+        x_hat = (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+        r = np.sqrt(x.var(0) + eps) / np.maximum(renorm_stddev, eps**0.5)
+        low = 1.0 / rmax if rmin is None else rmin
+        expected = x_hat * np.clip(r, low, rmax)
+        assert_close_to_reference(y, expected, f"step {step}", rtol=1e-4)
+    assert float(to_numpy(layer.rmax_value)) == 8.0
+
+
+def test_unbounded_clipping_saves_and_loads(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras_norms.BatchRenormalization(
+                rmax=np.inf, rmin=0.0, dmax=np.inf, name="brn"
+            ),
+        ]
+    )
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    layer = loaded.get_layer("brn")
+    assert (layer.rmax, layer.rmin, layer.dmax) == (np.inf, 0.0, np.inf)
+    assert float(to_numpy(layer.rmax_value)) == np.inf
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_matches_paper_algorithm(masked, kernel_path):
     shape, eps = (6, 5, 4), 1e-3
@@ -177,6 +325,9 @@ def test_config_round_trip_and_weights():
     "kwargs,needle",
     [
         (dict(rmax=0.5), "rmax"),
+        (dict(rmax=2.0, rmin=3.0), "rmin"),
+        (dict(rmax=2.0, rmin=-0.1), "rmin"),
+        (dict(rmin=float("nan")), "rmin"),
         (dict(dmax=-1.0), "dmax"),
         (dict(renorm_momentum=1.0), "renorm_momentum"),
         (dict(momentum=1.5), "momentum"),
@@ -193,6 +344,7 @@ def test_bad_arguments(kwargs, needle):
     [
         (dict(rmax=None), "rmax"),
         (dict(dmax="5"), "dmax"),
+        (dict(rmin="0.5"), "rmin"),
         (dict(rmax=lambda step: 2.0), "RenormWarmup"),
         (dict(center="no"), "center"),
     ],
