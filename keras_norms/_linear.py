@@ -123,8 +123,8 @@ def statistic_gradients(layer, inputs, outputs, weights, count):
     Args:
         layer: The wrapped layer.
         inputs, outputs: Its input and output (constants here).
-        weights: None, or the mask as float with the shape of `outputs`
-            without the channel axis (Dense only).
+        weights: None, or the mask (Dense only): a `broadcast_mask` of
+            `outputs` with 1 on the channel axis, as float.
         count: Number of reduction positions (a scalar tensor).
 
     Returns:
@@ -136,7 +136,7 @@ def statistic_gradients(layer, inputs, outputs, weights, count):
         outputs = ops.moveaxis(outputs, 1, -1)
     if weights is not None:
         # `where`, not a product with the mask: padding may hold inf or NaN.
-        keep = ops.expand_dims(ops.cast(weights, "bool"), -1)
+        keep = ops.cast(weights, "bool")
         outputs = ops.where(keep, outputs, 0.0)
         inputs = ops.where(keep, inputs, 0.0)
     grad_y = 2.0 * outputs / count

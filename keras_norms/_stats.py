@@ -104,39 +104,61 @@ def broadcast_shape(input_shape, feature_axes):
     )
 
 
-def check_mask(mask, inputs, feature_axes):
-    """Validates that `mask` has the shape of `inputs` without features."""
-    expected = tuple(
-        d for a, d in enumerate(inputs.shape) if a not in feature_axes
+def broadcast_mask(mask, inputs):
+    """A mask in Keras's convention, as a boolean tensor of `inputs`' rank.
+
+    The one mask rule of every layer. As in Keras, a mask with one axis
+    less than `inputs` (what `Masking`, `Embedding(mask_zero=True)` and
+    recurrent layers pass on) covers every axis but the last and is
+    broadcast over the last axis, whatever the feature axes are; a mask of
+    `inputs`' rank is taken as it is. Either must broadcast to `inputs`
+    (e.g. `(batch, 1, time)` for channels-first sequences): anything else is
+    a ValueError that names the accepted shapes.
+    """
+    given, input_shape = tuple(mask.shape), tuple(inputs.shape)
+    shape = given + (1,) if len(given) == len(input_shape) - 1 else given
+    broadcasts = len(shape) == len(input_shape) and all(
+        m is None or i is None or m in (1, i)
+        for m, i in zip(shape, input_shape)
     )
-    shape = tuple(mask.shape)
-    compatible = len(shape) == len(expected) and all(
-        m is None or e is None or m == e for m, e in zip(shape, expected)
-    )
-    if not compatible:
+    if not broadcasts:
         raise ValueError(
-            "Argument `mask` must have the shape of `inputs` without the "
-            f"feature axes, i.e. {expected}. Received: mask.shape={shape}, "
-            f"inputs.shape={tuple(inputs.shape)}"
+            "Argument `mask` must have the shape of `inputs` without the last "
+            f"axis, i.e. {input_shape[:-1]} (Keras's convention: it is "
+            "broadcast over the last axis, whatever `axis` is), or the rank "
+            f"of `inputs` and a shape that broadcasts to {input_shape}, "
+            "e.g. with 1 at the feature axes. Received: "
+            f"mask.shape={given}, inputs.shape={input_shape}"
         )
+    if shape != given:
+        mask = ops.expand_dims(mask, -1)
+    return ops.cast(mask, "bool")
+
+
+def mask_count(keep, inputs, axes):
+    """How many positions a `broadcast_mask` keeps over `axes`, per feature
+    (keepdims; of size 1 along a feature axis where the mask does not vary)."""
+    count = ops.sum(ops.cast(keep, inputs.dtype), axis=axes, keepdims=True)
+    for a in axes:
+        if keep.shape[a] == 1 and inputs.shape[a] != 1:
+            count = count * ops.cast(ops.shape(inputs)[a], inputs.dtype)
+    return count
 
 
 def as_positions(inputs, mask=None):
-    """Inputs with the features last as `(positions, features)` (and the
-    mask as `(positions,)`): XLA reduces this layout far faster than the
-    same reduction over several leading axes (0.3x the time for a
-    32x32x32x64 batch norm step on CPU)."""
-    inputs = ops.reshape(inputs, (-1, inputs.shape[-1]))
+    """Inputs with the features last as `(positions, features)` (and a
+    `broadcast_mask` as `(positions, 1 or features)`): XLA reduces this
+    layout far faster than the same reduction over several leading axes
+    (0.3x the time for a 32x32x32x64 batch norm step on CPU)."""
     if mask is not None:
-        mask = ops.reshape(mask, (-1,))
-    return inputs, mask
-
-
-def _expand_mask(mask, feature_axes, dtype):
-    weights = ops.cast(mask, dtype)
-    for a in feature_axes:
-        weights = ops.expand_dims(weights, axis=a)
-    return weights
+        last = mask.shape[-1]
+        if (
+            tuple(mask.shape[:-1]) != tuple(inputs.shape[:-1])
+            or None in (mask.shape[:-1])
+        ):
+            mask = ops.broadcast_to(mask, ops.shape(inputs)[:-1] + (last,))
+        mask = ops.reshape(mask, (-1, last))
+    return ops.reshape(inputs, (-1, inputs.shape[-1])), mask
 
 
 def check_synchronized(synchronized, layer_name):
@@ -220,7 +242,8 @@ def synchronized_moments(inputs, axes, mask=None, shift=None, sums=()):
     cancellation of that difference small once it approximates the mean.
 
     Returns `(mean, variance, count, sums)`: `count` is the global number of
-    positions (a scalar tensor) and `sums` the globally summed extras.
+    positions (a scalar without a mask; per feature with one, as in
+    `moments`) and `sums` the globally summed extras.
     """
     ndim = len(inputs.shape)
     feature_axes = tuple(a for a in range(ndim) if a not in axes)
@@ -236,10 +259,9 @@ def synchronized_moments(inputs, axes, mask=None, shift=None, sums=()):
             inputs.dtype,
         )
     else:
-        keep = _expand_mask(mask, feature_axes, "bool")
         # `where`, not a product with the mask: padding may hold inf or NaN.
-        shifted = ops.where(keep, shifted, 0.0)
-        count = ops.sum(ops.cast(mask, inputs.dtype))
+        shifted = ops.where(mask, shifted, 0.0)
+        count = ops.squeeze(mask_count(mask, inputs, axes), axis=axes)
     total, total_sq, count, *sums = all_reduce_sum(
         [
             ops.sum(shifted, axis=axes),
@@ -263,8 +285,8 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
     Args:
         inputs: Tensor of float dtype (float32 or wider).
         axes: Tuple of reduction axes (see `reduction_axes`).
-        mask: Optional tensor with the shape of `inputs` without the feature
-            axes; positions where it is false take no part in the statistics.
+        mask: Optional `broadcast_mask` (boolean, of `inputs`' rank); the
+            positions where it is false take no part in the statistics.
         synchronized: If `True`, the statistics are over the global batch
             (see `synchronized_moments`), as they always are under a
             `keras.distribution` on JAX.
@@ -274,8 +296,9 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
     Returns:
         `(mean, variance, count)`, mean and variance with the reduced axes
         removed. `count` is the number of positions that entered the
-        statistics (a scalar tensor) when `mask` is given, else `None`. With
-        every position masked, mean and variance are 0 (never NaN).
+        statistics when `mask` is given (per feature, of size 1 along a
+        feature axis where the mask does not vary), else `None`. With every
+        position masked, mean and variance are 0 (never NaN).
     """
     if synchronized or global_batch_program():
         # One-pass sums: the collective(s) for them fuse into one.
@@ -291,17 +314,14 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
         centered = inputs - ops.stop_gradient(mean)
         variance = ops.mean(ops.square(centered), axis=axes)
         return ops.squeeze(mean, axis=axes), variance, None
-    ndim = len(inputs.shape)
-    feature_axes = tuple(a for a in range(ndim) if a not in axes)
-    keep = _expand_mask(mask, feature_axes, "bool")
     # `where`, not a product with the mask: padding may hold inf or NaN.
-    weighted = ops.where(keep, inputs, 0.0)
-    count = ops.sum(ops.cast(keep, inputs.dtype))
+    weighted = ops.where(mask, inputs, 0.0)
+    count = mask_count(mask, inputs, axes)
     safe = ops.maximum(count, 1.0)
     mean = ops.sum(weighted, axis=axes, keepdims=True) / safe
-    centered = ops.where(keep, inputs - mean, 0.0)
-    variance = ops.sum(ops.square(centered), axis=axes) / safe
-    return ops.squeeze(mean, axis=axes), variance, count
+    centered = ops.where(mask, inputs - mean, 0.0)
+    variance = ops.sum(ops.square(centered), axis=axes, keepdims=True) / safe
+    return tuple(ops.squeeze(v, axis=axes) for v in (mean, variance, count))
 
 
 def updatable(mean, variance, count=None):

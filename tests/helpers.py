@@ -140,10 +140,16 @@ def assert_close(actual, expected, what, rtol=1e-5, atol=1e-6):
 
 
 def random_mask(shape, feature_axes, seed=1, keep=0.6):
-    """A boolean mask of `shape` without the feature axes; each batch row
+    """A random boolean mask over the non-feature axes of `shape`, in
+    Keras's convention: `shape` without its last axis when the features are
+    last, else of `shape`'s rank with 1 at the feature axes. Each batch row
     keeps at least one position."""
     rng = np.random.default_rng(seed)
-    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
+    ndim = len(shape)
+    if tuple(feature_axes) == (ndim - 1,):
+        mshape = list(shape[:-1])
+    else:
+        mshape = [1 if a in feature_axes else d for a, d in enumerate(shape)]
     mask = rng.random(mshape) < keep
     mask.reshape(mshape[0], -1)[:, 0] = True
     return mask

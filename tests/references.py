@@ -16,26 +16,25 @@ def _bshape(x, feature_axes):
 
 
 def _weights(x, mask, feature_axes):
+    """The mask as float64 weights of `x`'s shape, read as Keras reads it:
+    a mask with one axis less than `x` covers every axis but the last and
+    is repeated along the last; one of `x`'s rank broadcasts as it is."""
     if mask is None:
-        return np.ones(_bshape_mask(x, feature_axes))
+        return np.ones(x.shape)
     w = np.asarray(mask, dtype=np.float64)
-    for a in feature_axes:
-        w = np.expand_dims(w, a)
-    return w
-
-
-def _bshape_mask(x, feature_axes):
-    return tuple(1 if a in feature_axes else x.shape[a] for a in range(x.ndim))
+    if w.ndim == x.ndim - 1:
+        w = w[..., None]
+    return np.broadcast_to(w, x.shape)
 
 
 def batch_moments(x, mask, feature_axes):
-    """Mean, biased variance and count over the unmasked positions."""
+    """Mean, biased variance and count (per feature) over the unmasked
+    positions."""
     x = np.asarray(x, np.float64)
     red = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    w = np.broadcast_to(_weights(x, mask, feature_axes), x.shape)
-    n = w.sum(axis=red)
-    count = n.reshape(-1)[0]
-    safe = max(count, 1.0)
+    w = _weights(x, mask, feature_axes)
+    count = w.sum(axis=red)
+    safe = np.maximum(count, 1.0)
     mean = (w * x).sum(axis=red) / safe
     mb = mean.reshape(_bshape(x, feature_axes))
     var = (w * (x - mb) ** 2).sum(axis=red) / safe
@@ -54,7 +53,7 @@ def normalize_train(x, dy, mask, feature_axes, gamma, beta, eps, r=1.0, d=0.0):
     red = tuple(a for a in range(x.ndim) if a not in feature_axes)
     bs = _bshape(x, feature_axes)
     mean, var, count = batch_moments(x, mask, feature_axes)
-    w = np.broadcast_to(_weights(x, mask, feature_axes), x.shape)
+    w = _weights(x, mask, feature_axes)
     pshape = tuple(x.shape[a] for a in feature_axes)
 
     def per_feature(v):
@@ -65,7 +64,7 @@ def normalize_train(x, dy, mask, feature_axes, gamma, beta, eps, r=1.0, d=0.0):
     g = gamma * r
     xhat = (x - mean.reshape(bs)) / sigma
     y = gamma * (xhat * r + d) + beta
-    n = max(count, 1.0)
+    n = np.maximum(count, 1.0).reshape(bs)
     dl_dmean = -(dy * g / sigma).sum(axis=red, keepdims=True)
     dl_dsigma = -(dy * g * xhat / sigma).sum(axis=red, keepdims=True)
     dx = dy * g / sigma + w / n * (dl_dmean + dl_dsigma * xhat)
@@ -86,9 +85,11 @@ def normalize_inference(x, feature_axes, mean, var, gamma, beta, eps):
 
 
 def ema(old, new, momentum, count=None):
-    if count is not None and count == 0:
-        return np.asarray(old, np.float64)
-    return np.asarray(old) * momentum + np.asarray(new) * (1 - momentum)
+    """The moving average; features with a `count` of 0 keep `old`."""
+    moved = np.asarray(old) * momentum + np.asarray(new) * (1 - momentum)
+    if count is None:
+        return moved
+    return np.where(np.asarray(count) > 0, moved, np.asarray(old, np.float64))
 
 
 def renorm_correction(mean_b, var_b, renorm_mean, renorm_std, eps, rmax, dmax):

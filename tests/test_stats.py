@@ -1,5 +1,6 @@
 """The shared math of `keras_norms._stats` against NumPy."""
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -33,66 +34,127 @@ def test_canonicalize_axes_refuses(axis, error):
         _stats.canonicalize_axes(axis, 3)
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+MASKS = ["none", "keras", "broadcast", "full"]
+
+
+def _mask(rng, shape, feature_axes, kind):
+    """None, or a mask in one of the forms layers accept: Keras's (rank - 1,
+    repeated along the last axis whatever the feature axes), one that
+    broadcasts (1 at the feature axes), or one of the input's shape."""
+    if kind == "none":
+        return None
+    if kind == "keras":
+        mshape = shape[:-1]
+    elif kind == "broadcast":
+        mshape = [1 if a in feature_axes else d for a, d in enumerate(shape)]
+    else:
+        mshape = shape
+    return rng.random(mshape) < 0.5
+
+
+def _assert_counts(count, rcount, mask):
+    if mask is None:
+        assert count is None or float(to_numpy(count)) == rcount.flat[0]
+        return
+    count = np.broadcast_to(to_numpy(count), rcount.shape)
+    np.testing.assert_array_equal(count, rcount)
+
+
+@pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize(
     "shape,feature_axes",
     [((5, 7, 3), (2,)), ((4, 3, 5, 2), (1,)), ((3, 4, 5, 6), (1, 3))],
 )
-def test_moments_match_numpy(shape, feature_axes, masked):
+def test_moments_match_numpy(shape, feature_axes, kind):
     rng = np.random.default_rng(0)
     # A mean far larger than the spread: the two-pass variance keeps it.
     x = rng.normal(1000.0, 0.5, size=shape).astype("float32")
-    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
-    mask = rng.random(mshape) < 0.5 if masked else None
+    mask = _mask(rng, shape, feature_axes, kind)
     axes = _stats.reduction_axes(feature_axes, len(shape))
-    mean, var, count = _stats.moments(
-        ops.convert_to_tensor(x),
-        axes,
-        None if mask is None else ops.convert_to_tensor(mask),
-    )
+    x = ops.convert_to_tensor(x)
+    keep = None
+    if mask is not None:
+        keep = _stats.broadcast_mask(ops.convert_to_tensor(mask), x)
+    mean, var, count = _stats.moments(x, axes, keep)
     rmean, rvar, rcount = references.batch_moments(x, mask, feature_axes)
     np.testing.assert_allclose(to_numpy(mean), rmean, rtol=1e-6)
     np.testing.assert_allclose(to_numpy(var), rvar, rtol=2e-3)
-    if masked:
-        assert float(to_numpy(count)) == rcount
-    else:
-        assert count is None
+    _assert_counts(count, rcount, mask)
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("kind", MASKS)
 @pytest.mark.parametrize(
     "shape,feature_axes", [((5, 7, 3), (2,)), ((3, 4, 5, 6), (1, 3))]
 )
-def test_synchronized_moments_match_numpy(shape, feature_axes, masked):
+def test_synchronized_moments_match_numpy(shape, feature_axes, kind):
     """The one-pass sums of the synchronized path (on one replica), with
     the shift near the mean that keeps float32 cancellation small."""
     rng = np.random.default_rng(0)
     x = rng.normal(1000.0, 0.5, size=shape).astype("float32")
-    mshape = [d for a, d in enumerate(shape) if a not in feature_axes]
-    mask = rng.random(mshape) < 0.5 if masked else None
+    mask = _mask(rng, shape, feature_axes, kind)
     axes = _stats.reduction_axes(feature_axes, len(shape))
     rmean, rvar, rcount = references.batch_moments(x, mask, feature_axes)
     shift = (rmean + rng.normal(0.0, 0.1, size=rmean.shape)).astype("float32")
     extra = rng.normal(size=(2, 3)).astype("float32")
+    x = ops.convert_to_tensor(x)
+    keep = None
+    if mask is not None:
+        keep = _stats.broadcast_mask(ops.convert_to_tensor(mask), x)
     mean, var, count, sums = _stats.synchronized_moments(
-        ops.convert_to_tensor(x),
+        x,
         axes,
-        None if mask is None else ops.convert_to_tensor(mask),
+        keep,
         shift=ops.convert_to_tensor(shift),
         sums=[ops.convert_to_tensor(extra)],
     )
     np.testing.assert_allclose(to_numpy(mean), rmean, rtol=1e-6)
     np.testing.assert_allclose(to_numpy(var), rvar, rtol=1e-4)
-    assert float(to_numpy(count)) == rcount
+    _assert_counts(count, rcount, mask)
     np.testing.assert_array_equal(to_numpy(sums[0]), extra)
 
 
 def test_moments_of_an_all_masked_batch_are_zero():
     x = ops.ones((2, 3, 4))
-    mean, var, count = _stats.moments(x, (0, 1), ops.zeros((2, 3), "bool"))
+    keep = _stats.broadcast_mask(ops.zeros((2, 3), "bool"), x)
+    mean, var, count = _stats.moments(x, (0, 1), keep)
     np.testing.assert_array_equal(to_numpy(mean), np.zeros(4))
     np.testing.assert_array_equal(to_numpy(var), np.zeros(4))
-    assert float(to_numpy(count)) == 0.0
+    np.testing.assert_array_equal(to_numpy(count), [0.0])
+
+
+@pytest.mark.parametrize(
+    "input_shape,mask_shape,expected",
+    [
+        ((5, 2, 3), (5, 2), (5, 2, 1)),  # Keras's: rank - 1, any axis
+        ((2, 3, 4, 5), (2, 3, 1), None),  # rank - 1 that broadcasts
+        ((2, 3, 4), (2, 1, 4), (2, 1, 4)),  # channels-first sequences
+        ((2, 3, 4), (2, 3, 4), (2, 3, 4)),
+        ((2, 3), (2,), (2, 1)),
+    ],
+)
+def test_broadcast_mask_reads_masks_as_keras(input_shape, mask_shape, expected):
+    x = ops.ones(input_shape)
+    keep = _stats.broadcast_mask(ops.ones(mask_shape, "bool"), x)
+    assert tuple(keep.shape) == (expected or mask_shape + (1,))
+    assert keras.backend.standardize_dtype(keep.dtype) == "bool"
+
+
+@pytest.mark.parametrize(
+    "input_shape,mask_shape",
+    [
+        ((2, 3, 4), (2,)),
+        ((2, 3, 4), (2, 4)),
+        ((2, 3, 4), (2, 3, 5)),
+        ((2, 3, 4), (2, 3, 4, 1)),
+        ((2, 3, 4, 5), (2, 4, 1)),
+    ],
+)
+def test_broadcast_mask_refuses_other_shapes(input_shape, mask_shape):
+    with pytest.raises(ValueError, match="without the last axis") as info:
+        _stats.broadcast_mask(
+            ops.ones(mask_shape, "bool"), ops.ones(input_shape)
+        )
+    assert f"mask.shape={mask_shape}" in str(info.value)
 
 
 def test_normalize_is_the_affine_batch_norm():

@@ -14,9 +14,9 @@ class BatchNormalization(NormalizationParameters, Layer):
     """Layer that normalizes its inputs with batch statistics.
 
     A drop-in for `keras.layers.BatchNormalization` (same arguments, same
-    weights, same numbers) that also accepts several feature axes, leaves its
-    moving statistics untouched on an all-masked batch and never lets masked
-    positions into the statistics.
+    weights, same masks, same numbers) that also accepts several feature
+    axes and masks that broadcast to the input, and leaves its moving
+    statistics untouched on an empty, all-masked or non-finite batch.
 
     **During training** (`training=True` and `layer.trainable`), for each
     feature, with `mean` and `var` the mean and biased variance of the batch
@@ -79,12 +79,17 @@ class BatchNormalization(NormalizationParameters, Layer):
     Call arguments:
         inputs: Input tensor of rank 2 or more.
         training: Python boolean or `None`; see above.
-        mask: Optional boolean tensor with the shape of `inputs` without the
-            feature axes, e.g. `(batch, time)` for `(batch, time, features)`.
-            Masked-out positions take no part in the batch statistics (their
-            outputs are still computed, and are finite). An all-masked batch
-            leaves the moving statistics unchanged. Keras passes the mask of
-            the previous layer (e.g. `Embedding(mask_zero=True)`) for you.
+        mask: Optional boolean tensor, read as Keras reads it: with the
+            shape of `inputs` without the last axis (e.g. `(batch, time)` for
+            `(batch, time, features)`, what `Masking` and
+            `Embedding(mask_zero=True)` pass on) it is repeated along the
+            last axis, whatever `axis` is; or of the rank of `inputs` and a
+            shape that broadcasts to it (e.g. `(batch, 1, time)` for
+            channels-first sequences with `axis=1`). Masked-out positions
+            take no part in the batch statistics (their outputs are still
+            computed, and are finite); a feature whose positions are all
+            masked out keeps its moving statistics. Keras passes the mask of
+            the previous layer for you.
 
     Reference:
 
@@ -190,7 +195,7 @@ class BatchNormalization(NormalizationParameters, Layer):
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None:
-            _stats.check_mask(mask, inputs, self._feature_axes)
+            mask = _stats.broadcast_mask(mask, inputs)
         inputs = ops.cast(inputs, _stats.compute_dtype_for(inputs))
         dtype = inputs.dtype
         gamma = ops.cast(self.gamma, dtype) if self.scale else None

@@ -91,9 +91,10 @@ class BatchRenormalization(BatchNormalization):
         inputs: Input tensor of rank 2 or more.
         training: Python boolean or `None`. Training mode needs
             `layer.trainable` too; a frozen layer runs in inference mode.
-        mask: Optional boolean tensor with the shape of `inputs` without the
-            feature axes; masked-out positions take no part in the
-            statistics, and an all-masked batch changes no statistic.
+        mask: Optional boolean tensor, as for `BatchNormalization` (Keras's
+            convention: the shape of `inputs` without the last axis, or one
+            that broadcasts to `inputs`); masked-out positions take no part
+            in the statistics, and an all-masked batch changes no statistic.
 
     Reference:
 

@@ -110,8 +110,9 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         training: Python boolean or `None`. Training mode needs
             `layer.trainable` too; a frozen layer runs in inference mode.
         mask: `Dense` only: a boolean tensor with the shape of `inputs`
-            without the last axis; masked-out positions take no part in any
-            statistic or derivative.
+            without the last axis (Keras's convention), or of the output's
+            rank with 1 on its last axis; masked-out positions take no part
+            in any statistic or derivative.
 
     Reference:
 
@@ -244,7 +245,16 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                     "Argument `mask` is only supported when the wrapped "
                     "layer is a Dense layer."
                 )
-            _stats.check_mask(mask, linear, (self._channel_axis,))
+            mask = _stats.broadcast_mask(mask, linear)
+            if mask.shape[self._channel_axis] != 1:
+                # One window position holds one step for every channel.
+                raise ValueError(
+                    "CrossIterationBatchNormalization takes a mask over "
+                    "positions only, the same for every channel: of shape "
+                    f"{tuple(linear.shape[:-1])} (Keras's convention) or "
+                    f"with 1 on the last axis. Received: "
+                    f"mask.shape={tuple(mask.shape)}"
+                )
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
         if not (training and self.trainable):
@@ -366,11 +376,14 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 shift=ops.cast(self.moving_mean, outputs.dtype),
                 sums=sums,
             )
+            total = ops.reshape(total, ())  # the same for every channel
             count = None if mask is None else total
         else:
             mean, variance, count = _stats.moments(
                 outputs, self._reduction_axes, mask
             )
+            if count is not None:  # the same for every channel
+                count = ops.reshape(count, ())
             total = count
         if total is None:
             total = ops.cast(

@@ -591,13 +591,9 @@ def _normalized(layer, inputs, mask):
         feature_axes = (layer.axis % ndim,)
     values = np.asarray(ops.convert_to_numpy(inputs), np.float64)
     keep = None
-    if mask is not None:
-        keep = np.asarray(ops.convert_to_numpy(mask)).astype(bool)
-        if isinstance(layer, keras.layers.BatchNormalization):
-            keep = keep[..., None]  # as Keras's layer expands its mask
-        else:
-            keep = np.expand_dims(keep, feature_axes)
-        keep = np.broadcast_to(keep, values.shape)
+    if mask is not None:  # Keras's convention, as every layer reads it
+        keep = _stats.broadcast_mask(ops.convert_to_tensor(mask), inputs)
+        keep = np.broadcast_to(ops.convert_to_numpy(keep), values.shape)
     return _per_feature(values, feature_axes), (
         None if keep is None else _per_feature(keep, feature_axes)
     )

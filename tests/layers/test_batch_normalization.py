@@ -66,6 +66,118 @@ def test_trains_like_keras_batch_normalization(case, masked, kernel_path):
     )
 
 
+# Masks in Keras's convention: one axis less than the input, repeated along
+# the input's last axis, whatever `axis` is (what Keras's own BN tests use).
+KERAS_MASKS = {
+    # Masking() before BatchNormalization(axis=1) on (batch, 2, 3): the mask
+    # differs between the features, so each has its own count.
+    "masking_axis1": ((5, 2, 3), 1, (5, 2)),
+    "nchw_axis1": ((3, 4, 5, 6), 1, (3, 4, 5)),
+    "rank4_broadcast": ((2, 3, 4, 5), -1, (2, 3, 1)),
+    "features_last": ((4, 7, 3), -1, (4, 7)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KERAS_MASKS))
+@pytest.mark.parametrize(
+    "make_ours,make_theirs",
+    [
+        (keras_norms.BatchNormalization, keras.layers.BatchNormalization),
+        (
+            lambda **kw: keras_norms.BatchRenormalization(
+                rmax=1.5, dmax=0.5, renorm_momentum=0.7, **kw
+            ),
+            lambda **kw: keras.layers.BatchNormalization(
+                renorm=True,
+                renorm_clipping={"rmax": 1.5, "rmin": 1 / 1.5, "dmax": 0.5},
+                renorm_momentum=0.7,
+                **kw,
+            ),
+        ),
+    ],
+    ids=["bn", "brn"],
+)
+def test_masks_read_as_keras_reads_them(case, make_ours, make_theirs):
+    """Outputs, gradients and moving statistics equal Keras's layer for
+    the same mask, over 4 steps."""
+    shape, axis, mask_shape = KERAS_MASKS[case]
+    ours = make_ours(axis=axis, momentum=0.8)
+    theirs = make_theirs(axis=axis, momentum=0.8)
+    mask = np.random.default_rng(3).random(mask_shape) < 0.6
+    mask.reshape(mask_shape[0], -1)[:, 0] = True
+    theirs.build(shape)
+    names = [w.name for w in theirs.non_trainable_weights]
+    batches = _batches(shape, steps=4)
+    assert_trains_alike(ours, theirs, batches, mask, names)
+    x, _ = next(_batches(shape, 1, seed=5))
+    m = keras.ops.convert_to_tensor(mask)
+    assert_close(
+        to_numpy(ours(x, mask=m)), to_numpy(theirs(x, mask=m)), "inference"
+    )
+
+
+def test_masking_then_axis1_in_a_model_fits_like_keras():
+    """The case Keras's own BN tests check: `Masking()` then
+    `BatchNormalization(axis=1)` on `(batch, 2, 3)` inputs, in `fit()`."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, size=(40, 2, 3)).astype("float32")
+    x[rng.random((40, 2)) < 0.3] = 0.0  # masked-out rows
+    y = rng.normal(size=(40, 2, 3)).astype("float32")
+    weights = {}
+    for name, norm in (
+        ("ours", keras_norms.BatchNormalization(axis=1, momentum=0.8)),
+        ("keras", keras.layers.BatchNormalization(axis=1, momentum=0.8)),
+    ):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential(
+            [keras.Input((2, 3)), keras.layers.Masking(0.0), norm]
+        )
+        model.compile("sgd", "mse")
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        weights[name] = [to_numpy(w) for w in norm.weights]
+        weights[name].append(model.predict(x, verbose=0))
+    for ours, theirs in zip(weights["ours"], weights["keras"]):
+        assert_close(ours, theirs, "weights and predictions")
+
+
+@pytest.mark.parametrize(
+    "shape,axis,mask_shape",
+    [
+        ((2, 3, 4), 1, (2, 1, 4)),  # channels-first sequences
+        ((3, 4, 5), -1, (3, 4, 5)),  # a mask of the input's shape
+        ((2, 3, 4, 5), [1, 3], (2, 1, 4, 1)),
+    ],
+    ids=["channels_first", "full", "two_axes"],
+)
+def test_masks_that_broadcast(shape, axis, mask_shape):
+    """Masks of the input's rank (which Keras's BN refuses) against the
+    NumPy reference, which reads them the same way."""
+    ndim = len(shape)
+    axes = [axis] if isinstance(axis, int) else axis
+    feature_axes = tuple(sorted(a % ndim for a in axes))
+    mask = np.random.default_rng(3).random(mask_shape) < 0.6
+    mask.reshape(mask_shape[0], -1)[:, 0] = True
+    layer = keras_norms.BatchNormalization(axis=axis, momentum=0.7)
+    pshape = tuple(shape[a] for a in feature_axes)
+    moving_mean, moving_var = np.zeros(pshape), np.ones(pshape)
+    for step, (x, dy) in enumerate(_batches(shape, steps=2)):
+        y, dx, _ = train_call(layer, x, dy, mask)
+        ry, rdx, _, _, mean, var, count = references.normalize_train(
+            x, dy, mask, feature_axes, 1.0, 0.0, 1e-3
+        )
+        assert_close_to_reference(y, ry, f"outputs, step {step}")
+        assert_close_to_reference(dx, rdx, f"input gradient, step {step}")
+        moving_mean = references.ema(moving_mean, mean, 0.7, count)
+        moving_var = references.ema(moving_var, var, 0.7, count)
+        for name, value in (
+            ("moving_mean", moving_mean),
+            ("moving_variance", moving_var),
+        ):
+            assert_close_to_reference(
+                to_numpy(getattr(layer, name)), value, f"{name} {step}"
+            )
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize(
     "case,axis",
@@ -340,7 +452,7 @@ def test_rank_one_input_is_refused():
         keras_norms.BatchNormalization().build((5,))
 
 
-@pytest.mark.parametrize("mask_shape", [(2, 3, 4), (2,), (2, 4)])
+@pytest.mark.parametrize("mask_shape", [(2, 3, 5), (2,), (2, 4)])
 def test_mask_of_wrong_shape(mask_shape):
     layer = keras_norms.BatchNormalization()
     x = np.ones((2, 3, 4), "float32")

@@ -545,6 +545,34 @@ def test_mask_of_wrong_shape():
     layer = keras_norms.CBN(keras.layers.Dense(2, use_bias=False))
     with pytest.raises(ValueError, match="mask"):
         layer(np.ones((2, 3, 4), "float32"), mask=np.ones((2, 4), bool))
+    # A mask that differs between the output channels: one window position
+    # holds one step for every channel.
+    with pytest.raises(ValueError, match="the same for every channel"):
+        layer(np.ones((2, 3, 4), "float32"), mask=np.ones((2, 3, 2), bool))
+
+
+def test_mask_of_the_output_rank_equals_keras_convention():
+    """A `(batch, time, 1)` mask trains exactly as the `(batch, time)` one."""
+    rng = np.random.default_rng(0)
+    mask = random_mask((3, 5, 4), (2,))
+    layers = [
+        keras_norms.CBN(keras.layers.Dense(3, use_bias=False), window_size=3)
+        for _ in range(2)
+    ]
+    for layer in layers:
+        layer.build((3, 5, 4))
+    layers[1].set_weights(layers[0].get_weights())
+    for step in range(3):
+        x = rng.normal(size=(3, 5, 4)).astype("float32")
+        dy = rng.normal(size=(3, 5, 3)).astype("float32")
+        a = train_call(layers[0], x, dy, mask)
+        b = train_call(layers[1], x, dy, mask[..., None])
+        for u, v in zip(a[:2], b[:2]):
+            np.testing.assert_array_equal(u, v)
+        for name in a[2]:
+            np.testing.assert_array_equal(a[2][name], b[2][name])
+    for u, v in zip(layers[0].weights, layers[1].weights):
+        np.testing.assert_array_equal(to_numpy(u), to_numpy(v))
 
 
 @pytest.mark.parametrize(
