@@ -53,15 +53,32 @@ CASES = [
     ("brn_local", "brn", False, False),
     ("cbn_local", "cbn", False, False),
 ]
+# Bad batches, synchronized: (name, layer kind, masked, what is bad).
+# "nan": a NaN in the second replica's half of the last batch, so that the
+# global statistics of that step are not finite; "ragged": 17 samples, so
+# that the last global batch holds 1 and one replica gets none.
+BAD_CASES = [
+    ("bn_nan", "bn", False, "nan"),
+    ("brn_nan_mask", "brn", True, "nan"),
+    ("cbn_nan", "cbn", False, "nan"),
+    ("cbn_conv_nan", "cbn_conv", False, "nan"),
+    ("bn_ragged", "bn", False, "ragged"),
+    ("brn_ragged_mask", "brn", True, "ragged"),
+    ("cbn_ragged", "cbn", False, "ragged"),
+]
 
 
-def data(masked):
+def data(masked, bad=None):
     rng = np.random.default_rng(0)
     x = rng.normal(1.5, 2.0, size=(24, 5, 4)).astype("float32")
     if masked:  # zero padding after a random length, for `Masking`
         lengths = rng.integers(1, 6, size=24)
         x[np.arange(5)[None, :] >= lengths[:, None]] = 0.0
     y = rng.normal(size=(24, 1)).astype("float32")
+    if bad == "nan":
+        x[20, 0, 1] = np.nan
+    if bad == "ragged":
+        x, y = x[:17], y[:17]
     return x, y
 
 
@@ -98,12 +115,17 @@ def make_model(kind, masked, synchronized):
     return model
 
 
-def train(kind, masked, synchronized, scope):
-    x, y = data(masked)
+def train(kind, masked, synchronized, scope, bad=None):
+    x, y = data(masked, bad)
     with scope():
         model = make_model(kind, masked, synchronized)
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
         arrays = [keras.ops.convert_to_numpy(w) for w in model.weights]
+        if bad:  # by name, to compare the statistics
+            return {
+                f"{i}_{w.name}": a
+                for i, (w, a) in enumerate(zip(model.weights, arrays))
+            }
         return arrays + [model.predict(x, batch_size=8, verbose=0)]
 
 
@@ -219,6 +241,17 @@ def main(out_dir):
         two = train(kind, masked, synchronized, multi)
         arrays = {f"one/{i}": a for i, a in enumerate(one)}
         arrays.update({f"two/{i}": a for i, a in enumerate(two)})
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **arrays)
+    for name, kind, masked, bad in BAD_CASES:
+        runs = {}
+        for where, scope in (("one", single), ("two", multi)):
+            try:
+                runs[where] = train(kind, masked, True, scope, bad)
+            except Exception as error:  # noqa: BLE001 (reported, compared)
+                runs[where] = {"error": np.array(repr(error)[:2000])}
+        arrays = {}
+        for where, run in runs.items():
+            arrays.update({f"{where}/{k}": a for k, a in run.items()})
         np.savez(os.path.join(out_dir, f"{name}.npz"), **arrays)
     with open(os.path.join(out_dir, "collectives.json"), "w") as f:
         json.dump(collectives(), f)
