@@ -329,7 +329,7 @@ def updatable(mean, variance, count=None):
     both finite (an empty batch's are NaN, and so are those of a feature
     with a NaN or inf in the batch) and, with a mask, from at least one
     position. The one rule every layer's statistics updates follow."""
-    update = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
+    update = ops.isfinite(mean + variance)  # one test for both
     if count is not None:
         update = ops.logical_and(update, count > 0)
     return update
@@ -538,7 +538,9 @@ def fused_renormalization(inputs, correct, scale, offset, epsilon):
         is_training=True,
     )
     variance = _biased(variance, inputs)
-    r, d = (tf.stop_gradient(c) for c in correct(mean, variance))
+    # An empty batch's r, d are NaN: zeros keep its gradients at 0.
+    r, d = zero_if_empty(inputs, *correct(mean, variance))
+    r, d = tf.stop_gradient(r), tf.stop_gradient(d)
 
     @tf.custom_gradient
     def renormalize(inputs, scale, offset):

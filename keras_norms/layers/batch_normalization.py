@@ -250,9 +250,13 @@ class BatchNormalization(NormalizationParameters, Layer):
             self.synchronized,
             shift=ops.cast(self.moving_mean, inputs.dtype),
         )
-        correction = self.update_statistics(mean, variance, count)
-        mean, variance = _stats.zero_if_empty(inputs, mean, variance)
-        if correction is not None:
+        correction = self.update_statistics(mean, variance, count) or ()
+        # An empty batch's NaN moments (and r, d) would reach the weights'
+        # gradients as 0 * NaN: zeros instead.
+        mean, variance, *correction = _stats.zero_if_empty(
+            inputs, mean, variance, *correction
+        )
+        if correction:
             gamma, beta = _stats.compose(*correction, gamma, beta)
         outputs = _stats.normalize(
             inputs, mean, variance, gamma, beta, self.epsilon, shape

@@ -35,12 +35,13 @@ class BatchRenormalization(BatchNormalization):
     `outputs = gamma * (inputs - moving_mean) / sqrt(moving_variance +
     epsilon) + beta`.
 
-    With `rmax=1` and `dmax=0` the layer trains exactly like batch
-    normalization. The paper starts training that way and relaxes the
-    clipping over time; `keras_norms.callbacks.RenormWarmup` does this in
-    `fit()`. `rmax` and `dmax` are stored as non-trainable variables (as is
-    the layer's count of training steps), so they change during training
-    without retracing, are saved with the model and resume after loading.
+    With `rmax=1`, `dmax=0` (and the default `rmin = 1 / rmax`) the layer
+    trains exactly like batch normalization. The paper starts training
+    that way and relaxes the clipping over time;
+    `keras_norms.callbacks.RenormWarmup` does this in `fit()`. `rmax` and
+    `dmax` are stored as non-trainable variables (as is the layer's count
+    of training steps), so they change during training without retracing,
+    are saved with the model and resume after loading.
 
     Args:
         axis: Integer or list of integers, the feature axis or axes.
@@ -305,10 +306,8 @@ class BatchRenormalization(BatchNormalization):
                 self.moving_variance.dtype,
             )
         )
-        # Where the batch's statistics are unusable (e.g. an empty batch),
-        # no correction: a NaN one would reach the weights' gradients.
-        r = ops.where(update, r, 1.0)
-        d = ops.where(update, d, 0.0)
+        # The callers zero an empty batch's NaN r, d with its moments
+        # (`_stats.zero_if_empty`): they would reach the weights' gradients.
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def set_weights(self, weights):
