@@ -103,3 +103,17 @@ def test_cbn_speed_benchmark_runs_and_reports(tmp_path):
     assert report["cbn / cbn_authors"]["ratio"] > 0
     assert report["cbn_buffer_floats"] <= report["cbn_buffer_bound"]
     assert "target Conv2D + CBN <= 1.3x" in result.stdout
+
+
+def test_fold_speed_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "fold.json"
+    run_script("benchmarks/fold_speed.py", "--tiny", "--json", str(out))
+    report = json.loads(out.read_text())
+    for kind in ("keras_bn", "bn", "brn", "cbn"):
+        low, high = report[kind]["range"]
+        assert 0 < low <= report[kind]["ratio"] <= high, report
+        assert report[kind]["max_abs_difference"] < 1e-5, report
+    # Folding removes the three normalization layers (CBN: none to remove,
+    # each becomes its convolution with a bias).
+    assert report["bn"]["layers"] == [11, 8]
+    assert report["cbn"]["layers"] == [8, 8]
