@@ -100,6 +100,17 @@ def load_named(results, case):
 STATISTICS = ("moving_", "renorm_", "past_", "filled")
 
 
+def assert_statistics_finite_and_equal(one, two):
+    """The statistics (moving, renorm, CBN's window) of the 1- and the
+    2-device run are finite and equal to 1e-5."""
+    statistics = [n for n in one if any(s in n for s in STATISTICS)]
+    assert len(statistics) >= 2, sorted(one)
+    for name in statistics:
+        assert np.all(np.isfinite(one[name])), name
+        assert np.all(np.isfinite(two[name])), name
+        assert relative_difference(one[name], two[name]) <= 1e-5, name
+
+
 @pytest.mark.skipif(not DISTRIBUTED, reason="no Keras distribution")
 @pytest.mark.parametrize(
     "case", ["bn_nan", "brn_nan_mask", "cbn_nan", "cbn_conv_nan"]
@@ -109,11 +120,7 @@ def test_non_finite_global_batch_keeps_the_statistics(results, case):
     on both: every replica keeps its statistics (CBN: its window too), as
     one device does; the weights, which the NaN loss reaches, may be NaN."""
     one, two = load_named(results, case)
-    statistics = [n for n in one if any(s in n for s in STATISTICS)]
-    assert len(statistics) >= 2, sorted(one)
-    for name in statistics:
-        assert np.all(np.isfinite(one[name])), name
-        assert relative_difference(one[name], two[name]) <= 1e-5, name
+    assert_statistics_finite_and_equal(one, two)
     # The NaN reached the step: the layer's trained weights are NaN.
     assert not all(np.all(np.isfinite(a)) for a in one.values())
 
@@ -128,11 +135,7 @@ def test_a_replica_without_samples_keeps_global_statistics(results, case):
     even without a normalization layer (by up to 0.14 in a model of two
     Dense layers, measured)."""
     one, two = load_named(results, case)
-    statistics = [n for n in one if any(s in n for s in STATISTICS)]
-    assert len(statistics) >= 2, sorted(one)
-    for name in statistics:
-        assert np.all(np.isfinite(two[name])), name
-        assert relative_difference(one[name], two[name]) <= 1e-5, name
+    assert_statistics_finite_and_equal(one, two)
 
 
 @pytest.mark.skipif(not DISTRIBUTED, reason="no Keras distribution")
