@@ -5,13 +5,8 @@ In inference mode a batch normalization is a per-channel affine map,
 `t = beta - moving_mean * s`. After a linear layer `x = W u + b` it can be
 merged into the layer: `y = (W * s) u + (b * s + t)`, scaling the kernel
 along its output-channel axis.
-
-The model's graph is read from Keras's private `Functional` structures
-(`_nodes_by_depth`, `_keras_history`, a `Sequential`'s input layer), as
-`keras.models.clone_model` does; these are confined to `_Graph`.
 """
 
-import collections
 import warnings
 
 import keras
@@ -21,6 +16,7 @@ from keras import layers
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import BatchRenormalization
 from keras_norms.layers import CrossIterationBatchNormalization
+from keras_norms.utils import _graph
 
 # Exact classes: a subclass may override `call`, so its inference formula is
 # unknown and it is kept.
@@ -129,7 +125,7 @@ def fold_normalization(model, return_report=False):
     >>> bool(np.allclose(folded.predict(x, verbose=0), y, atol=1e-5))
     True
     """
-    folded, report = _fold(model, prefix="")
+    folded, report = _graph.rewrite(model, _Folding)
     for name, reason in report.items():
         warnings.warn(
             f"fold_normalization kept layer '{name}': {reason}.",
@@ -141,200 +137,31 @@ def fold_normalization(model, return_report=False):
     return folded
 
 
-def _fold(model, prefix):
-    """The folded model and the report, nested models included."""
-    graph = _Graph(model)
-    plan = _Plan(graph, prefix)
-    clones = {}  # id(original layer) -> its replacement
-
-    def clone_function(layer):
-        if id(layer) not in clones:
-            clones[id(layer)] = plan.replacement(layer)
-        return clones[id(layer)]
-
-    if graph.sequential:
-        new_layers = [clone_function(layer) for layer in model.layers]
-        new_layers = [x for x in new_layers if not isinstance(x, _Removed)]
-        folded = keras.Sequential(
-            [graph.input_layer()] + new_layers,
-            name=model.name,
-            trainable=model.trainable,
-        )
-        if model.compiled:
-            folded.compile_from_config(model.get_compile_config())
-    else:
-
-        def call_function(layer, *args, **kwargs):
-            if isinstance(layer, _Removed):
-                return args[0]
-            if id(layer) in plan.unwrapped:  # was a CBN: no mask, training
-                kwargs.pop("mask", None)
-                kwargs.pop("training", None)
-            return layer(*args, **kwargs)
-
-        folded = keras.models.clone_model(
-            model,
-            input_tensors=graph.inputs(),
-            clone_function=clone_function,
-            call_function=call_function,
-        )
-        if not model.trainable:  # clone_model forgets it; Sequential not
-            folded.trainable = False
-    plan.set_weights()
-    return folded, plan.report
-
-
-class _Removed:
-    """Stands for a normalization layer folded into the previous layer."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-
-def _has_graph(model):
-    """Whether `model` is a Sequential or functional model."""
-    return isinstance(model, keras.Sequential) or hasattr(
-        model, "_nodes_by_depth"
-    )
-
-
-class _Call:
-    """One call of a layer in a model's graph."""
-
-    def __init__(self, layer, source, rank, uses, kwargs):
-        self.layer = layer
-        self.source = source  # the layer that made the input, or None
-        self.rank = rank  # rank of the input, or None if unknown
-        self.uses = uses  # number of uses of the input (outputs included)
-        # "training": its value; "mask": a mask other than the input's;
-        # "inputs": more input tensors than the input and its mask.
-        self.kwargs = kwargs
-
-
-class _Graph:
-    """The calls of a `Sequential` or functional model's layers."""
-
-    def __init__(self, model):
-        if not isinstance(model, keras.Model):
-            raise ValueError(
-                "Argument `model` must be a keras.Model (Sequential or "
-                f"functional). Received: model={model!r}"
-            )
-        self.model = model
-        self.sequential = isinstance(model, keras.Sequential)
-        if not _has_graph(model):
-            raise ValueError(
-                "Argument `model` must be a Sequential or functional model: "
-                "a subclassed model has no graph of layer calls to rewrite. "
-                "Rebuild it as a functional model, or fold by hand. "
-                f"Received: model of type {type(model).__name__}"
-            )
-        if not model.built:
-            raise ValueError(
-                "Argument `model` must be built (give it an `Input` or call "
-                f"it once). Received: unbuilt model '{model.name}'"
-            )
-        self.calls = (
-            self._sequential_calls() if self.sequential else self._calls()
-        )
-        self.counts = collections.Counter(id(c.layer) for c in self.calls)
-
-    def _sequential_calls(self):
-        calls, source = [], None
-        for layer in self.model.layers:
-            spec = getattr(layer, "input_spec", None)
-            rank = getattr(spec, "ndim", None)
-            calls.append(_Call(layer, source, rank, 1, {}))
-            source = layer
-        return calls
-
-    def _calls(self):
-        by_depth = self.model._nodes_by_depth
-        nodes = [
-            node
-            for depth in sorted(by_depth, reverse=True)  # inputs first
-            for node in by_depth[depth]
-            if not node.is_input
-        ]
-        uses = collections.Counter()
-        for node in nodes:
-            uses.update(id(x) for x in node.input_tensors)
-        uses.update(id(x) for x in self.model.outputs)
-        calls = []
-        for node in nodes:
-            args, kwargs = node.arguments.args, node.arguments.kwargs
-            first = args[0] if args else None
-            source = rank = None
-            if isinstance(first, keras.KerasTensor):
-                source = first._keras_history.operation
-                rank = len(first.shape)
-            # Keras records the input's own mask as `mask=` (and passes it
-            # on to later layers as theirs); any other tensor is extra.
-            own_mask = getattr(first, "_keras_mask", None)
-            extra = {
-                "training": kwargs.get("training"),
-                "mask": kwargs.get("mask") is not own_mask,
-                "inputs": any(
-                    x is not first and x is not own_mask
-                    for x in node.input_tensors
-                ),
-            }
-            calls.append(
-                _Call(node.operation, source, rank, uses[id(first)], extra)
-            )
-        return calls
-
-    def input_layer(self):
-        """A new `Input` like the Sequential model's."""
-        # Once built, a Sequential starts with an InputLayer, maybe implicit.
-        return _new_input(self.model._layers[0])
-
-    def inputs(self):
-        """New `Input`s like the functional model's, in its structure.
-
-        `clone_model` would name each after its tensor, not its layer.
-        """
-        return keras.tree.map_structure(
-            lambda x: _new_input(x._keras_history.operation), self.model.input
-        )
-
-
-def _new_input(layer):
-    return keras.Input(
-        batch_shape=layer.batch_shape,
-        dtype=layer.dtype,
-        sparse=layer.sparse,
-        ragged=layer.ragged,
-        name=layer.name,
-        optional=layer.optional,
-    )
-
-
-class _Plan:
+class _Folding(_graph.Plan):
     """Decides what to fold, makes the new layers and then their weights."""
 
+    targets = _NORMALIZATIONS
+    utility = "fold_normalization"
+
     def __init__(self, graph, prefix):
-        self.prefix = prefix
-        self.report = {}
+        super().__init__(graph, prefix)
         self.folds = {}  # id(linear or CBN) -> (linear, normalization)
         self.removed = set()  # id(normalization folded into the previous)
-        self.copies = []  # (original, new) pairs that get the same weights
         self.folded = []  # (linear, normalization, new layer)
         self.unwrapped = set()  # id(new layer) that replaces a CBN
         self.names = {layer.name for layer in graph.model.layers}
         candidates = {}  # id(normalization) -> (key in folds, linear, it)
         for call in graph.calls:
             norm = call.layer
-            if isinstance(norm, CrossIterationBatchNormalization):
-                reason = _check_call(call) or _subclass_reason(norm)
-                key, linear = id(norm), norm.layer
-            elif isinstance(
-                norm, (BatchNormalization, layers.BatchNormalization)
-            ):
-                reason = _reason(call, graph)
-                key, linear = id(call.source), call.source
-            else:
+            if not isinstance(norm, _NORMALIZATIONS):
                 continue
+            reason = _subclass_reason(norm) or _training_reason(call)
+            if isinstance(norm, CrossIterationBatchNormalization):
+                reason = reason or _graph.call_reason(call)
+                key, linear = id(norm), norm.layer
+            else:
+                reason = reason or graph.pair_reason(call, _LINEAR)
+                key, linear = id(call.source), call.source
             if reason is None:
                 candidates[id(norm)] = (key, linear, norm)
             else:
@@ -346,43 +173,32 @@ class _Plan:
             if key != norm_id:
                 self.removed.add(norm_id)
 
-    def replacement(self, layer):
-        """The layer that takes the place of `layer` in the new model."""
+    def replace(self, layer):
         if id(layer) in self.removed:
-            return _Removed(layer)
-        if isinstance(layer, keras.Model) and _has_graph(layer):
-            folded, report = _fold(layer, f"{self.prefix}{layer.name}/")
-            self.report.update(report)
-            return folded
-        if isinstance(layer, keras.Model):  # subclassed: copied as it is
-            for sub in layer._flatten_layers(include_self=False):
-                if isinstance(sub, _NORMALIZATIONS):
-                    self.report[f"{self.prefix}{layer.name}/{sub.name}"] = (
-                        f"it is inside the subclassed model '{layer.name}', "
-                        "which has no graph to rewrite"
-                    )
-        if id(layer) in self.folds:
-            linear, norm = self.folds[id(layer)]
-            config = linear.get_config()
-            config["use_bias"] = True
-            if linear is not layer:  # a CBN's wrapped layer
-                self.names.discard(layer.name)
-                if config["name"] in self.names:
-                    config["name"] = layer.name
-                self.names.add(config["name"])
-            new = type(linear).from_config(config)
-            if linear is not layer:
-                self.unwrapped.add(id(new))
-            self.folded.append((linear, norm, new))
-            return new
-        new = type(layer).from_config(layer.get_config())
-        if isinstance(layer, layers.Layer):  # not e.g. a keras.ops operation
-            self.copies.append((layer, new))
+            return _graph.SKIP
+        if id(layer) not in self.folds:
+            return None
+        linear, norm = self.folds[id(layer)]
+        config = linear.get_config()
+        config["use_bias"] = True
+        if linear is not layer:  # a CBN's wrapped layer
+            self.names.discard(layer.name)
+            if config["name"] in self.names:
+                config["name"] = layer.name
+            self.names.add(config["name"])
+        new = type(linear).from_config(config)
+        if linear is not layer:
+            self.unwrapped.add(id(new))
+        self.folded.append((linear, norm, new))
         return new
 
+    def call(self, layer, args, kwargs):
+        if id(layer) in self.unwrapped:  # was a CBN: no mask, training
+            kwargs.pop("mask", None)
+            kwargs.pop("training", None)
+        return layer(*args, **kwargs)
+
     def set_weights(self):
-        for old, new in self.copies:
-            new.set_weights(old.get_weights())
         for linear, norm, new in self.folded:
             kernel_name, layout = _LINEAR[type(linear)]
             for old, var in zip(linear.get_weights(), new.weights):
@@ -395,20 +211,12 @@ class _Plan:
             _assign(new.bias, bias * scale + shift)
 
 
-def _check_call(call):
-    """Why a call cannot be folded, from its arguments alone (or None)."""
+def _training_reason(call):
     if call.kwargs.get("training") and call.layer.trainable:
         return (
             "it is called with training=True, so it always normalizes with "
             "the statistics of the batch"
         )
-    if call.kwargs.get("mask"):
-        return (
-            "it is called with a mask other than its input's, which would "
-            "no longer reach the next layers"
-        )
-    if call.kwargs.get("inputs"):
-        return "it is called with more than one input tensor"
     return None
 
 
@@ -421,71 +229,6 @@ def _subclass_reason(layer):
         f"it is a {type(layer).__name__}, a subclass of "
         f"{base.__name__} whose inference formula may differ"
     )
-
-
-def _reason(call, graph):
-    """Why a batch normalization cannot be folded (or None)."""
-    norm = call.layer
-    reason = _subclass_reason(norm)
-    if reason is not None:
-        return reason
-    if graph.counts[id(norm)] > 1:
-        return f"it is shared (called {graph.counts[id(norm)]} times)"
-    reason = _check_call(call)
-    if reason is not None:
-        return reason
-    linear = call.source
-    if linear is None:
-        return "it is the first layer: no Dense or convolution before it"
-    what = f"{type(linear).__name__} '{linear.name}'"
-    if isinstance(linear, layers.InputLayer):
-        return f"its input is the model input '{linear.name}'"
-    if type(linear) not in _LINEAR:
-        base = next((c for c in _LINEAR if isinstance(linear, c)), None)
-        if base is not None:
-            return (
-                f"the {what} before it is a subclass of {base.__name__} "
-                "whose call may differ"
-            )
-        return f"its input comes from {what}, not a Dense or convolution"
-    if graph.counts[id(linear)] > 1:
-        return (
-            f"the {what} before it is shared (called "
-            f"{graph.counts[id(linear)]} times)"
-        )
-    activation = getattr(linear.activation, "__name__", str(linear.activation))
-    if activation != "linear":
-        return f"the {what} before it has activation '{activation}'"
-    if getattr(linear, "lora_enabled", False):
-        return f"the {what} before it has LoRA enabled"
-    if getattr(linear, "quantization_mode", None):
-        return f"the {what} before it is quantized"
-    if call.uses > 1:
-        return (
-            f"the output of the {what} before it is also used elsewhere "
-            "(by another layer or as a model output)"
-        )
-    if call.rank is None:
-        return "the rank of its input is unknown"
-    axes = _feature_axes(norm, call.rank)
-    channel = _channel_axis(linear, call.rank)
-    if axes != (channel,):
-        return (
-            f"its feature axes {list(axes)} are not the channel axis "
-            f"{channel} of the {what} before it"
-        )
-    return None
-
-
-def _feature_axes(norm, rank):
-    axes = norm.axis if isinstance(norm.axis, (list, tuple)) else [norm.axis]
-    return tuple(sorted(a % rank for a in axes))
-
-
-def _channel_axis(linear, rank):
-    if getattr(linear, "data_format", "channels_last") == "channels_first":
-        return 1
-    return rank - 1
 
 
 def _numpy(variable):
