@@ -1,10 +1,10 @@
 """Precise batch normalization: population statistics over a dataset."""
 
-import collections.abc
 import contextlib
 import itertools
 import math
 import sys
+import types
 import warnings
 
 import keras
@@ -22,11 +22,10 @@ _NORMALIZATION_LAYERS = (
     CrossIterationBatchNormalization,
     keras.layers.BatchNormalization,
 )
-_DEFAULT_BATCH_SIZE = 32
 
 
 def recompute_statistics(
-    model, data, steps=None, *, batch_size=None, layers=None
+    model, x, steps=None, *, batch_size=None, layers=None, verbose="auto"
 ):
     """Sets the moving statistics of batch-norm layers to population values.
 
@@ -36,7 +35,7 @@ def recompute_statistics(
     of a layer at training time are not those it sees at inference, where
     the layers before it normalize with their moving statistics. "Precise
     BN" replaces the average with the exact mean and (biased) variance over
-    `data` of what each layer normalizes, with the weights frozen.
+    `x` of what each layer normalizes, with the weights frozen.
 
     Every `keras_norms.BatchNormalization`, `BatchRenormalization` and
     `CrossIterationBatchNormalization` and every
@@ -45,7 +44,7 @@ def recompute_statistics(
     runs in inference mode (`model(x, training=False)`), and a layer's
     statistics are taken once every normalization layer upstream of it has
     its new statistics: they are those of the inputs it sees at inference.
-    Layers that do not depend on each other share a pass over `data`, so a
+    Layers that do not depend on each other share a pass over `x`, so a
     `Sequential` or functional model needs one pass per "wave" of layers
     (a chain of `k` layers: `k` passes; parallel branches share them). The
     order inside a model whose call is Python code (a subclassed model or
@@ -72,21 +71,31 @@ def recompute_statistics(
 
     Args:
         model: A `keras.Model` (or layer), built or not.
-        data: The inputs to average over: a NumPy array (read in batches of
-            `batch_size`), or a `tf.data.Dataset`, generator or other
-            iterable whose elements are batches `x`, `(x,)`, `(x, y)` or
-            `(x, y, sample_weight)` as `model.fit` accepts them (only `x` is
-            used; it may be a list or dict of arrays for a multi-input
-            model). A generator or iterator can be read only once: its
-            batches are kept in memory when the model needs several passes.
-        steps: Number of batches read per pass, or `None` to read `data`
-            until it is exhausted. Needed for an infinite dataset. Defaults
-            to `None`.
-        batch_size: Batch size for a NumPy array `data`; the statistics do
-            not depend on it. Defaults to 32.
+        x: The inputs to average over, as `fit()` takes them: an array
+            (NumPy or a backend tensor), a list, tuple or dict of arrays
+            for a multi-input model (a tuple is inputs, not `(x, y)`), read
+            in batches of `batch_size`; or a
+            `tf.data.Dataset`, `keras.utils.PyDataset`, torch `DataLoader`
+            or Python generator of batches `x`, `(x,)`, `(x, y)` or `(x, y,
+            sample_weight)` (only `x` is used). Keras's data adapters read
+            it, and raise `fit()`'s errors for what they cannot take. A
+            generator can be read only once: its batches are kept in memory
+            when the model needs several passes.
+        steps: Number of batches read per pass, or `None` to read `x` until
+            it is exhausted. Needed for an infinite dataset. With arrays and
+            no `batch_size`, the batch size is then chosen so that `steps`
+            batches hold them all, as in `fit()`. Defaults to `None`.
+        batch_size: Batch size for arrays; the statistics do not depend on
+            it. A dataset, `PyDataset` or generator makes its own batches:
+            passing `batch_size` with one raises a `ValueError` (`fit()`
+            ignores it). Defaults to 32.
         layers: Optional list of normalization layers of `model`, or of
             their names, to recompute; the others keep their statistics.
             Defaults to `None` (all of them).
+        verbose: `"auto"`, 0, 1 or 2, as in `predict()`: 0 is silent, 1 shows
+            a progress bar over the batches of each pass (after a line "Pass
+            2/3" when there are several), 2 one line per pass. `"auto"` is
+            1. Defaults to `"auto"`.
 
     Returns:
         A dict from layer name to the number of positions (per feature,
@@ -110,7 +119,7 @@ def recompute_statistics(
     ...     keras_norms.BatchNormalization(name="bn"),
     ... ])
     >>> x = np.random.normal(2.0, 3.0, size=(100, 4)).astype("float32")
-    >>> recompute_statistics(model, x, batch_size=16)
+    >>> recompute_statistics(model, x, batch_size=16, verbose=0)
     {'bn': 100}
     >>> h = keras.ops.convert_to_numpy(model.layers[0](x))
     >>> mean = keras.ops.convert_to_numpy(model.layers[1].moving_mean)
@@ -132,7 +141,8 @@ def recompute_statistics(
             f"model={model.name!r}"
         )
     targets = _select(found, layers)
-    batches = _Batches(data, _check_steps(steps), batch_size)
+    verbose = _check_verbose(verbose)
+    batches = _Batches(x, steps, batch_size)
 
     dependencies, chains = _plan(model, targets)
     if chains:
@@ -150,9 +160,9 @@ def recompute_statistics(
     batches.keep = len(waves) > 1
 
     statistics = {id(layer): _Moments() for layer in targets}
-    for wave in waves:
+    for number, wave in enumerate(waves, 1):
         with _recording(wave, statistics):
-            _run(model, batches)
+            _run(model, batches, verbose, number, len(waves))
         for layer in wave:
             _assign(layer, statistics[id(layer)])
 
@@ -161,7 +171,7 @@ def recompute_statistics(
     ]
     if unused:
         warnings.warn(
-            "recompute_statistics: no unmasked position of `data` reached "
+            "recompute_statistics: no unmasked position of `x` reached "
             f"the layers {unused}; they keep their statistics.",
             stacklevel=2,
         )
@@ -345,74 +355,62 @@ def _waves(targets, dependencies):
 
 
 class _Batches:
-    """Iterates over the inputs `x` of `data`, `steps` batches per pass.
+    """The inputs `x` of the batches of `x`, `steps` per pass, read by
+    Keras's data adapter for `x` as `fit()` reads them.
 
-    A generator or iterator is read once; while `keep` is set, its batches
-    are kept for the next passes.
+    A generator is read only once; while `keep` is set, its batches are
+    kept for the next passes. `size` is the number of batches per pass, once
+    known (the target of the progress bar).
     """
 
-    def __init__(self, data, steps, batch_size):
-        self.steps = steps
-        self.keep = True
-        self._cache = []
-        self._iterator = None
-        if batch_size is not None and not isinstance(data, np.ndarray):
-            raise ValueError(
-                "Argument `batch_size` only applies to a NumPy array `data`; "
-                "a dataset or generator yields batches already. Received: "
-                f"batch_size={batch_size!r} with data of type "
-                f"{type(data).__name__}"
-            )
-        if isinstance(data, np.ndarray):
-            self._data = _array_batches(data, batch_size)
-            return
-        if data is None or isinstance(data, (str, bytes, dict)):
-            raise TypeError(
-                "Argument `data` must be a NumPy array, a tf.data.Dataset, "
-                "a generator or another iterable of batches. Received: "
-                f"data={data!r}"
-            )
-        if isinstance(data, tuple) and any(
-            isinstance(item, np.ndarray) for item in data
+    def __init__(self, x, steps, batch_size):
+        steps = _positive_int("steps", steps)
+        batch_size = _positive_int("batch_size", batch_size)
+        if x is None:  # The array adapter fails on it with a KeyError.
+            raise ValueError("Unrecognized data type: x=None")
+        # Keras's data adapters (private API, only here) take what `fit()`
+        # takes, with its errors. Not its EpochIterator: with `steps` that
+        # goes on where the last epoch stopped; every pass here starts anew.
+        from keras.src.trainers import data_adapters
+
+        self.adapter = data_adapters.get_data_adapter(
+            x, batch_size=batch_size, steps_per_epoch=steps
+        )
+        if batch_size is not None and not isinstance(
+            self.adapter, data_adapters.ArrayDataAdapter
         ):
-            raise TypeError(
-                "Argument `data` is a tuple of arrays: pass the input array "
-                "`x` alone (the targets are not needed), or a dataset or "
-                "generator of `(x, y)` batches. Received: data=a tuple of "
-                f"{len(data)} items"
+            raise ValueError(  # `fit()` would ignore it without a word.
+                f"When providing `x` as a {type(x).__name__}, `batch_size` "
+                "should not be passed: the batches are those of `x`. "
+                f"Received: batch_size={batch_size}"
             )
-        _check_cardinality(data, steps)
-        if isinstance(data, keras.utils.PyDataset):
-            self._data = _Indexed(data)
-        elif isinstance(data, collections.abc.Iterator):
-            self._data = None
-            self._iterator = data
-        elif isinstance(data, collections.abc.Iterable) or hasattr(
-            data, "__getitem__"
-        ):
-            self._data = data
-        else:
-            raise TypeError(
-                "Argument `data` must be a NumPy array, a tf.data.Dataset, "
-                "a generator or another iterable of batches. Received: "
-                f"data of type {type(data).__name__}"
-            )
+        _check_cardinality(x, steps, self.adapter)
+        sizes = [n for n in (steps, self.adapter.num_batches) if n]
+        self.steps, self.size = steps, min(sizes, default=None)
+        self.keep, self._cache, self._iterator = True, [], None
+        if isinstance(x, types.GeneratorType):
+            self._iterator = self.adapter.get_numpy_iterator()
 
     def __iter__(self):
         count = 0
         # islice stops before reading a batch beyond `steps`.
         for element in itertools.islice(self._elements(), self.steps):
             count += 1
-            yield _inputs_of(element)
+            yield keras.utils.unpack_x_y_sample_weight(element)[0]
         if count == 0:
             raise ValueError(
-                "Argument `data` yielded no batch. Received: an empty "
-                "dataset or an exhausted generator"
+                "Argument `x` yielded no batch. Received: an empty array "
+                "or dataset"
             )
+        self.size = count
 
     def _elements(self):
-        if self._data is not None:
-            yield from self._data
+        if self._iterator is None:  # Keras can read it again.
+            self.adapter.on_epoch_begin()
+            try:
+                yield from self.adapter.get_numpy_iterator()
+            finally:
+                self.adapter.on_epoch_end()
             return
         yield from self._cache
         for element in self._iterator:
@@ -421,82 +419,47 @@ class _Batches:
             yield element
 
 
-class _Indexed:
-    """The batches `data[0]` to `data[len(data) - 1]` of a `PyDataset`."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __iter__(self):
-        for index in range(len(self.data)):
-            yield self.data[index]
-
-
-def _array_batches(array, batch_size):
-    if batch_size is None:
-        batch_size = _DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(
-        batch_size, (int, np.integer)
-    ):
-        raise TypeError(
-            "Argument `batch_size` must be a positive int. Received: "
-            f"batch_size={batch_size!r}"
-        )
-    if batch_size < 1:
-        raise ValueError(
-            "Argument `batch_size` must be a positive int. Received: "
-            f"batch_size={batch_size}"
-        )
-    if array.ndim == 0 or len(array) == 0:
-        raise ValueError(
-            "Argument `data` must hold at least one sample. Received: an "
-            f"array of shape {array.shape}"
-        )
-    return [
-        array[start : start + batch_size]
-        for start in range(0, len(array), batch_size)
-    ]
-
-
-def _check_steps(steps):
-    if steps is None:
+def _positive_int(name, value):
+    if value is None:
         return None
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(
-            "Argument `steps` must be None or a positive int. Received: "
-            f"steps={steps!r}"
+            f"Argument `{name}` must be None or a positive int. Received: "
+            f"{name}={value!r}"
         )
-    if steps < 1:
+    if value < 1:
         raise ValueError(
-            "Argument `steps` must be None or a positive int. Received: "
-            f"steps={steps}"
+            f"Argument `{name}` must be None or a positive int. Received: "
+            f"{name}={value}"
         )
-    return int(steps)
+    return int(value)
 
 
-def _check_cardinality(data, steps):
+def _check_cardinality(x, steps, adapter):
+    """`fit()` reads an infinite dataset forever: `steps` must end a pass."""
     tf = sys.modules.get("tensorflow")
-    if tf is None or not isinstance(data, tf.data.Dataset):
-        return
-    if steps is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
+    infinite = (
+        isinstance(x, keras.utils.PyDataset) and adapter.num_batches is None
+    ) or (
+        tf is not None
+        and isinstance(x, tf.data.Dataset)
+        and x.cardinality() == tf.data.INFINITE_CARDINALITY
+    )
+    if steps is None and infinite:
         raise ValueError(
-            "Argument `data` is an infinite dataset: pass `steps`, the "
+            "Argument `x` is an infinite dataset: pass `steps`, the "
             "number of batches to read. Received: steps=None"
         )
 
 
-def _inputs_of(element):
-    try:
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(element)
-    except ValueError as error:
-        raise ValueError(
-            "Argument `data` must yield batches `x`, `(x,)`, `(x, y)` or "
-            f"`(x, y, sample_weight)`. {error}"
-        ) from None
-    # Batches of a tf.data.Dataset are TensorFlow tensors: other backends
-    # take them as NumPy arrays.
-    return keras.tree.map_structure(
-        lambda v: v if ops.is_tensor(v) else np.asarray(v), x
+def _check_verbose(verbose):
+    if isinstance(verbose, str) and verbose == "auto":
+        return 1
+    if isinstance(verbose, (int, np.integer)) and verbose in (0, 1, 2):
+        return int(verbose)
+    raise ValueError(
+        'Argument `verbose` must be "auto", 0, 1 or 2. Received: '
+        f"verbose={verbose!r}"
     )
 
 
@@ -509,10 +472,18 @@ def _inference():
     return contextlib.nullcontext()
 
 
-def _run(model, batches):
+def _run(model, batches, verbose, number, passes):
+    """One pass over the batches, a progress bar as `predict()` shows."""
+    if verbose and passes > 1:
+        print(f"Pass {number}/{passes}")
+    progbar = keras.utils.Progbar(batches.size, verbose=verbose)
+    step = 0
     with _inference():
         for x in batches:
             model(x, training=False)
+            step += 1
+            progbar.update(step, finalize=False)
+    progbar.update(step, finalize=True)
 
 
 # Capturing what the layers normalize.

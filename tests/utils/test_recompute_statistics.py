@@ -58,19 +58,58 @@ def _scramble(model):
             w.assign(rng.uniform(10.0, 20.0, w.shape).astype("float32"))
 
 
+class _PyBatches(keras.utils.PyDataset):
+    """Batches `(x, None)` of a structure of arrays; counts the passes."""
+
+    def __init__(self, x, batch_size):
+        super().__init__()
+        self.x, self.batch_size, self.passes = x, batch_size, 0
+
+    def __len__(self):
+        return -(-len(keras.tree.flatten(self.x)[0]) // self.batch_size)
+
+    def __getitem__(self, index):
+        start = index * self.batch_size
+        batch = keras.tree.map_structure(
+            lambda v: v[start : start + self.batch_size], self.x
+        )
+        return batch, None
+
+    def on_epoch_begin(self):
+        self.passes += 1
+
+
 def _source(kind, x, batch_size, y=None):
-    """`data` and keyword arguments for `recompute_statistics`."""
+    """`x` and keyword arguments for `recompute_statistics`; `x` may be a
+    list or dict of arrays (a multi-input model)."""
+    n = len(keras.tree.flatten(x)[0])
     if kind == "numpy":
         return x, {"batch_size": batch_size}
-    y = np.zeros(len(x), "float32") if y is None else y
+    if kind == "tensor":
+        return keras.tree.map_structure(keras.ops.convert_to_tensor, x), {
+            "batch_size": batch_size
+        }
+    if kind == "pydataset":
+        return _PyBatches(x, batch_size), {}
+    y = np.zeros(n, "float32") if y is None else y
     if kind == "dataset":
         tf = pytest.importorskip("tensorflow")
         dataset = tf.data.Dataset.from_tensor_slices((x, y))
         return dataset.batch(batch_size), {}
+    if kind == "torch_dataloader":
+        torch = pytest.importorskip("torch")
+        dataset = torch.utils.data.TensorDataset(
+            torch.from_numpy(x), torch.from_numpy(y)
+        )
+        return torch.utils.data.DataLoader(dataset, batch_size), {}
 
     def generator():
-        for start in range(0, len(x), batch_size):
-            yield (x[start : start + batch_size],)
+        for start in range(0, n, batch_size):
+            yield (
+                keras.tree.map_structure(
+                    lambda v: v[start : start + batch_size], x
+                ),
+            )
 
     return generator(), {}
 
@@ -146,29 +185,55 @@ def test_steps_limits_the_data(kind, source):
     _assert_statistics(model.get_layer("norm"), values, f"{kind}, steps=3")
 
 
-class _Batches(keras.utils.PyDataset):
-    def __init__(self, x, batch_size):
-        super().__init__()
-        self.x, self.batch_size = x, batch_size
+@pytest.mark.parametrize("source", ["tensor", "pydataset", "torch_dataloader"])
+@pytest.mark.parametrize("kind", ["bn", "cbn_conv2d"])
+def test_other_sources(kind, source):
+    model = _single(kind)
+    x = _inputs(SHAPES[kind], n=30)
+    data, kwargs = _source(source, x, batch_size=8)
+    used = recompute_statistics(model, data, **kwargs)
+    values = _normalized_numpy(model, x)
+    assert used == {"norm": values.size // values.shape[-1]}
+    _assert_statistics(model.get_layer("norm"), values, f"{kind}, {source}")
 
-    def __len__(self):
-        return -(-len(self.x) // self.batch_size)
 
-    def __getitem__(self, index):
-        start = index * self.batch_size
-        return self.x[start : start + self.batch_size], None
+def _two_inputs():
+    """Inputs "a" and "b" concatenated and normalized, and "b" normalized
+    alone."""
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    both = keras_norms.BatchNormalization(name="both")(
+        keras.layers.Concatenate()([a, b])
+    )
+    alone = keras.layers.BatchNormalization(name="alone")(b)
+    model = keras.Model([a, b], [both, alone])
+    _scramble(model)
+    return model
 
 
-@pytest.mark.parametrize("source", ["list", "pydataset"])
-def test_other_iterables(source):
+@pytest.mark.parametrize(
+    "source",
+    ["dict", "list", "tuple", "tensor", "generator", "pydataset", "dataset"],
+)
+def test_multi_input(source):
+    """Arrays of several inputs, or batches of them (dicts)."""
+    model = _two_inputs()
+    xa, xb = _inputs((3,), n=50), _inputs((2,), n=50, seed=1)
+    x = {"list": [xa, xb], "tuple": (xa, xb)}.get(source, {"a": xa, "b": xb})
+    kind = "numpy" if source in ("dict", "list", "tuple") else source
+    data, kwargs = _source(kind, x, batch_size=16)
+    used = recompute_statistics(model, data, **kwargs)
+    assert used == {"both": 50, "alone": 50}
+    both = np.concatenate([xa, xb], axis=-1)
+    _assert_statistics(model.get_layer("both"), both, source)
+    _assert_statistics(model.get_layer("alone"), xb, source)
+
+
+def test_steps_without_batch_size_reads_all_arrays():
+    """As in `fit()`: `steps` batches of `ceil(n / steps)` samples."""
     model = _single("bn")
-    x = _inputs(SHAPES["bn"], n=30)
-    if source == "list":
-        data = [(x[i : i + 8], None) for i in range(0, 30, 8)]
-    else:
-        data = _Batches(x, batch_size=8)
-    assert recompute_statistics(model, data) == {"norm": 30 * 4}
-    _assert_statistics(model.get_layer("norm"), x, source)
+    x = _inputs(SHAPES["bn"], n=100)
+    assert recompute_statistics(model, x, steps=2) == {"norm": 100 * 4}
+    _assert_statistics(model.get_layer("norm"), x, "steps=2")
 
 
 def test_infinite_dataset_with_steps():
@@ -285,20 +350,6 @@ def test_layer_that_sees_no_position_keeps_its_statistics():
 # Order: each layer sees its inputs as at inference, upstream layers done.
 
 
-class _CountingData:
-    """An iterable of batches that counts the passes over it."""
-
-    def __init__(self, x, batch_size):
-        self.batches = [
-            x[i : i + batch_size] for i in range(0, len(x), batch_size)
-        ]
-        self.passes = 0
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches)
-
-
 def _forward(x, dense, norm):
     """NumPy inference of Dense then a normalization layer, float64."""
     h = x.astype(np.float64) @ to_numpy(dense.kernel) + to_numpy(dense.bias)
@@ -373,7 +424,7 @@ def test_functional_model_needs_one_pass_per_wave():
     model, concatenated = _branches()
     _scramble(model)
     x = _inputs((6,), n=40)
-    data = _CountingData(x, batch_size=8)
+    data = _PyBatches(x, batch_size=8)
     used = recompute_statistics(model, data)
     # Waves: [first], [left, right], [last].
     assert data.passes == 3
@@ -405,7 +456,7 @@ def test_subclassed_model_in_call_order():
     x = _inputs((6,), n=30)
     model(x[:2])
     _scramble(model)
-    data = _CountingData(x, batch_size=8)
+    data = _PyBatches(x, batch_size=8)
     recompute_statistics(model, data)
     assert data.passes == 3  # a first batch gives the order; 2 layers
     h1 = x.astype(np.float64) @ to_numpy(model.dense1.kernel)
@@ -466,6 +517,23 @@ def test_nothing_else_changes():
             )
 
 
+def test_statistics_do_not_depend_on_batch_size():
+    model = _mixed_model()
+    x = _inputs((6, 6, 2), n=20)
+    results = []
+    for batch_size in (1, 7, 20):
+        _scramble(model)
+        used = recompute_statistics(model, x, batch_size=batch_size)
+        weights = [w for w in model.weights if w.name in STATISTICS]
+        results.append((used, [to_numpy(w) for w in weights]))
+    for used, values in results[1:]:
+        assert used == results[0][0]
+        for got, want in zip(values, results[0][1]):
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    h = to_numpy(model.get_layer("cbn").layer(x))
+    _assert_statistics(model.get_layer("cbn"), h, "cbn")
+
+
 @pytest.mark.parametrize("by", ["name", "layer"])
 def test_layers_restricts(by):
     model = _mixed_model()
@@ -499,70 +567,157 @@ def test_call_is_restored_after_an_error():
 # Bad arguments.
 
 
+def _generator(*batches):
+    yield from batches
+
+
 def _bad_calls():
     x = _inputs(SHAPES["bn"], n=8)
     y = np.zeros(8, "float32")
+    unknown = "Unrecognized data type"
+    no_batch_size = "`x` as a .*`batch_size` should not be passed"
     return {
-        "model_not_a_layer": (("model", x), {}, TypeError, "model"),
+        "model_not_a_layer": (("model", x), {}, TypeError, "`model"),
         "model_without_norm": (
             (keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), x),
             {},
             ValueError,
-            "model",
+            "`model",
         ),
-        "data_none": ((None, None), {}, TypeError, "data"),
-        "data_string": ((None, "data.npy"), {}, TypeError, "data"),
-        "data_int": ((None, 5), {}, TypeError, "data"),
-        "data_tuple_of_arrays": ((None, (x, y)), {}, TypeError, "data"),
-        "data_empty_array": ((None, x[:0]), {}, ValueError, "data"),
-        "data_empty_iterator": ((None, iter([])), {}, ValueError, "data"),
-        "data_4_tuples": (
-            (None, [(x, y, y, y)]),
+        "x_none": ((None, None), {}, ValueError, unknown),
+        "x_string": ((None, "data.npy"), {}, ValueError, unknown),
+        "x_int": ((None, 5), {}, ValueError, unknown),
+        "x_iterator": ((None, iter([x])), {}, ValueError, unknown),
+        "x_empty_array": ((None, x[:0]), {}, ValueError, "`x`"),
+        "x_empty_generator": ((None, _generator()), {}, ValueError, "batch"),
+        "x_yields_4_tuples": (
+            (None, _generator((x, y, y, y))),
             {},
             ValueError,
-            "data",
+            "`x`",
         ),
-        "steps_zero": ((None, x), {"steps": 0}, ValueError, "steps"),
-        "steps_float": ((None, x), {"steps": 1.5}, TypeError, "steps"),
-        "steps_bool": ((None, x), {"steps": True}, TypeError, "steps"),
-        "batch_size_zero": ((None, x), {"batch_size": 0}, ValueError, "bat"),
-        "batch_size_with_iterable": (
-            (None, [x]),
+        "steps_zero": ((None, x), {"steps": 0}, ValueError, "`steps"),
+        "steps_float": ((None, x), {"steps": 1.5}, TypeError, "`steps"),
+        "steps_bool": ((None, x), {"steps": True}, TypeError, "`steps"),
+        "batch_size_zero": (
+            (None, x),
+            {"batch_size": 0},
+            ValueError,
+            "`batch_size",
+        ),
+        "batch_size_with_generator": (
+            (None, _generator((x,))),
             {"batch_size": 4},
             ValueError,
-            "batch_size",
+            no_batch_size,
         ),
-        "layers_string": ((None, x), {"layers": "norm"}, TypeError, "layers"),
-        "layers_empty": ((None, x), {"layers": []}, ValueError, "layers"),
+        "batch_size_with_pydataset": (
+            (None, _PyBatches(x, 4)),
+            {"batch_size": 4},
+            ValueError,
+            no_batch_size,
+        ),
+        "verbose_string": ((None, x), {"verbose": "yes"}, ValueError, "`verb"),
+        "verbose_3": ((None, x), {"verbose": 3}, ValueError, "`verbose"),
+        "verbose_none": ((None, x), {"verbose": None}, ValueError, "`verb"),
+        "layers_string": ((None, x), {"layers": "norm"}, TypeError, "`layers"),
+        "layers_empty": ((None, x), {"layers": []}, ValueError, "`layers"),
         "layers_unknown_name": (
             (None, x),
             {"layers": ["nope"]},
             ValueError,
-            "layers",
+            "`layers",
         ),
         "layers_foreign_layer": (
             (None, x),
             {"layers": [keras_norms.BatchNormalization()]},
             ValueError,
-            "layers",
+            "`layers",
         ),
-        "layers_int": ((None, x), {"layers": [3]}, TypeError, "layers"),
+        "layers_int": ((None, x), {"layers": [3]}, TypeError, "`layers"),
     }
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()))
 def test_bad_arguments(case):
-    (model, data), kwargs, error, needle = _bad_calls()[case]
+    (model, data), kwargs, error, pattern = _bad_calls()[case]
     model = _single("bn") if model is None else model
-    with pytest.raises(error, match=f"`{needle}"):
+    with pytest.raises(error, match=pattern):
         recompute_statistics(model, data, **kwargs)
 
 
-def test_infinite_dataset_needs_steps():
+def test_batch_size_with_a_dataset():
     tf = pytest.importorskip("tensorflow")
-    data = tf.data.Dataset.from_tensor_slices(_inputs((4, 3), n=8)).repeat()
+    data = tf.data.Dataset.from_tensor_slices(_inputs((4, 3), n=8))
+    with pytest.raises(ValueError, match="`batch_size` should not be"):
+        recompute_statistics(_single("bn"), data.batch(4), batch_size=4)
+
+
+class _Endless(keras.utils.PyDataset):
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    @property
+    def num_batches(self):
+        return None  # infinite
+
+    def __getitem__(self, index):
+        return (self.x,)
+
+
+@pytest.mark.parametrize("source", ["dataset", "pydataset"])
+def test_infinite_data_needs_steps(source):
+    x = _inputs((4, 3), n=8)
+    if source == "dataset":
+        tf = pytest.importorskip("tensorflow")
+        data = tf.data.Dataset.from_tensor_slices(x).batch(8).repeat()
+    else:
+        data = _Endless(x)
+    model = _single("bn")
     with pytest.raises(ValueError, match="`steps`"):
-        recompute_statistics(_single("bn"), data.batch(4))
+        recompute_statistics(model, data)
+    assert recompute_statistics(model, data, steps=3) == {"norm": 3 * 8 * 4}
+    _assert_statistics(model.get_layer("norm"), x, source)
+
+
+# Progress.
+
+
+def _two_passes():
+    """A chain of two normalization layers: two passes."""
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras_norms.BatchNormalization(name="norm1"),
+            keras.layers.Dense(4),
+            keras_norms.BatchNormalization(name="norm2"),
+        ]
+    )
+    return model, _inputs((6,), n=24)
+
+
+@pytest.mark.parametrize("verbose", ["auto", 1, 2])
+def test_verbose_shows_each_pass(verbose, capsys):
+    model, x = _two_passes()
+    recompute_statistics(model, x, batch_size=8, verbose=verbose)
+    out = capsys.readouterr().out
+    assert "Pass 1/2" in out and "Pass 2/2" in out
+    assert out.index("Pass 1/2") < out.index("3/3") < out.index("Pass 2/2")
+    assert "━" in out if verbose != 2 else "━" not in out
+
+
+def test_verbose_one_pass_is_not_named(capsys):
+    model = _single("bn")
+    recompute_statistics(model, _inputs(SHAPES["bn"], n=24), batch_size=8)
+    out = capsys.readouterr().out
+    assert "3/3" in out and "Pass" not in out
+
+
+def test_verbose_0_prints_nothing(capsys):
+    model, x = _two_passes()
+    recompute_statistics(model, x, batch_size=8, verbose=0)
+    assert capsys.readouterr().out == ""
 
 
 # Use case: tiny training batches.
