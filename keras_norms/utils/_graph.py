@@ -262,22 +262,24 @@ class Plan:
         """Gives the new layers their weights, once they are built."""
 
 
-def rewrite(model, make_plan, prefix=""):
-    """A new model where `make_plan(graph, prefix)` says what each layer
-    becomes, nested Sequential and functional models included.
+def rewrite(model, make_plan, prefix="", **options):
+    """A new model where `make_plan(graph, prefix, **options)` says what
+    each layer becomes, nested Sequential and functional models included.
 
     Copies keep their weights; the plan sets the others'. The new model
     keeps the names, `trainable` and compile configuration of `model`.
     Returns `(new_model, report)`, the plans' reports merged.
     """
-    plan = make_plan(Graph(model, make_plan.utility, make_plan.targets), prefix)
-    graph, report, copies, clones = plan.graph, plan.report, [], {}
+    graph = Graph(model, make_plan.utility, make_plan.targets)
+    plan = make_plan(graph, prefix, **options)
+    report, copies, clones = plan.report, [], {}
 
     def clone(layer):
         if id(layer) in clones:  # a shared layer stays shared
             return clones[id(layer)]
         if isinstance(layer, keras.Model) and has_graph(layer):
-            new, inner = rewrite(layer, make_plan, f"{prefix}{layer.name}/")
+            name = f"{prefix}{layer.name}/"
+            new, inner = rewrite(layer, make_plan, name, **options)
             report.update(inner)
         else:
             if isinstance(layer, keras.Model):  # subclassed: as it is
