@@ -16,6 +16,7 @@ from keras_norms import _linear
 from keras_norms import _stats
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import CrossIterationBatchNormalization
+from keras_norms.utils import _graph
 
 _NORMALIZATION_LAYERS = (
     BatchNormalization,
@@ -181,31 +182,13 @@ def recompute_statistics(
 # Finding the layers and their order.
 
 
-def _sublayers(layer):
-    if isinstance(layer, keras.Model):
-        return layer.layers
-    if isinstance(layer, keras.layers.Wrapper):
-        return [layer.layer]
-    # Layers of other layers (RNN cells, Bidirectional, custom layers): Keras
-    # has no public accessor, `Model.layers` itself is built on this method.
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is None:
-        return []
-    return list(flatten(include_self=False, recursive=False))
-
-
-def _normalization_layers(layer, seen=None):
+def _normalization_layers(layer):
     """The normalization layers in `layer` (itself included), depth first."""
-    seen = set() if seen is None else seen
-    if not isinstance(layer, keras.layers.Layer) or id(layer) in seen:
-        return []
-    seen.add(id(layer))
     if isinstance(layer, _NORMALIZATION_LAYERS):
         return [layer]
-    found = []
-    for sublayer in _sublayers(layer):
-        found.extend(_normalization_layers(sublayer, seen))
-    return found
+    if not isinstance(layer, keras.layers.Layer):  # e.g. a keras.ops call
+        return []
+    return _graph.inner_layers(layer, _NORMALIZATION_LAYERS)
 
 
 def _select(found, layers):
@@ -252,21 +235,6 @@ def _select(found, layers):
     return [layer for layer in found if id(layer) in chosen]
 
 
-def _is_sequential(layer):
-    return (
-        isinstance(layer, keras.Sequential)
-        and type(layer).call is keras.Sequential.call
-    )
-
-
-def _is_functional(layer):
-    """A functional model whose call runs its graph (`keras.Model(inputs,
-    outputs)`; Keras has no public class for it)."""
-    call = getattr(type(layer).call, "__qualname__", "")
-    graph = getattr(layer, "_nodes_by_depth", None)
-    return call == "Functional.call" and isinstance(graph, dict)
-
-
 def _plan(model, targets):
     """Which targets each target's inputs depend on.
 
@@ -294,11 +262,13 @@ def _plan(model, targets):
         ]
         if not inner:
             return taint
-        if _is_sequential(operation):
+        if isinstance(operation, keras.Sequential) and _graph.has_graph(
+            operation
+        ):
             for layer in operation.layers:
                 taint = visit(layer, taint)
             return taint
-        if _is_functional(operation):
+        if _graph.has_graph(operation):
             return visit_graph(operation, taint)
         for layer in inner:
             dependencies[id(layer)].update(taint)
@@ -310,17 +280,13 @@ def _plan(model, targets):
         # A tensor that the walk has not reached (a model input) depends on
         # what the model's inputs depend on: `taint`.
         taints = {}
-        nodes_by_depth = model._nodes_by_depth
-        for depth in sorted(nodes_by_depth, reverse=True):
-            for node in nodes_by_depth[depth]:
-                if node.operation is None or node.is_input:
-                    continue
-                upstream = set(taint)
-                for tensor in node.input_tensors:
-                    upstream |= taints.get(id(tensor), taint)
-                out = visit(node.operation, frozenset(upstream))
-                for tensor in node.outputs:
-                    taints[id(tensor)] = out
+        for node in _graph.nodes(model):
+            upstream = set(taint)
+            for tensor in node.input_tensors:
+                upstream |= taints.get(id(tensor), taint)
+            out = visit(node.operation, frozenset(upstream))
+            for tensor in node.outputs:
+                taints[id(tensor)] = out
         result = set(taint)
         for tensor in model.outputs:
             result |= taints.get(id(tensor), taint)
