@@ -77,7 +77,7 @@ def run(name, seed, args):
     callbacks = [scaled_warmup(steps_of(data, config))] if name == "brn" else []
     model, _, seconds, _ = train(LAYERS[name], data, config, callbacks)
     before = accuracy(model, x_test, y_test)
-    recompute_statistics(model, x_train, batch_size=64)
+    recompute_statistics(model, x_train, batch_size=64, verbose=0)
     after = accuracy(model, x_test, y_test)
     folded, report = fold_normalization(model, return_report=True)
     logits = model.predict(x_test, verbose=0)
