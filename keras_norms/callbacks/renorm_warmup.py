@@ -8,6 +8,7 @@ from keras.saving import register_keras_serializable
 from keras.saving import serialize_keras_object
 
 from keras_norms.layers.batch_renormalization import BatchRenormalization
+from keras_norms.layers.batch_renormalization import ClippingLog
 from keras_norms.layers.batch_renormalization import check_dmax
 from keras_norms.layers.batch_renormalization import check_rmax
 
@@ -68,11 +69,23 @@ class RenormWarmup(Callback):
     begins; so every step of a compiled train function uses its own value,
     on every backend, with `jit_compile=True` and with
     `steps_per_execution > 1`, and a model saved mid-warm-up resumes the
-    schedule where it stopped. At the end of each epoch the current `rmax`
-    and `dmax` are written to the logs (so `History`, `CSVLogger` and
-    `TensorBoard` record them; list `RenormWarmup` before `CSVLogger` and
-    `TensorBoard`, which read the logs in list order). When training ends
-    the layers keep the last values as constants.
+    schedule where it stopped. When training ends the layers keep the last
+    values as constants.
+
+    Logs: every epoch's logs get the `rmax` and `dmax` of the epoch's last
+    step (those of the first of the callback's layers) under the keys
+    `"rmax"` and `"dmax"`, or `f"{name}_rmax"` and `f"{name}_dmax"` for a
+    callback with a `name`. Several `RenormWarmup` in one `fit()` (each
+    with its own `layers` and schedule) need distinct names: keys that
+    collide, or a layer claimed twice, raise a `ValueError` when training
+    begins. The values reach the logs as the result of a metric of that
+    layer (`BatchRenormalization.log_clipping`, no effect on training),
+    which the train step returns with the loss: so `History`, `CSVLogger`,
+    `TensorBoard` and every other callback receive them wherever they
+    stand in the list. Each step's logs carry them too on TensorFlow and
+    PyTorch; on JAX a step's logs carry NaN for them (a JAX train step
+    computes its metrics from metric variables only) and the epoch logs
+    the right values. Validation logs do not get them.
 
     A layer's lower clip of `r` follows: `1 / rmax` at each step when the
     layer's `rmin` is `None` (the default), its own constant otherwise.
@@ -96,13 +109,21 @@ class RenormWarmup(Callback):
         layers: `None` (every `BatchRenormalization` in the model, nested
             models and wrappers included) or a list of those layers or of
             their names.
+        name: `None` (log keys `"rmax"` and `"dmax"`) or a non-empty
+            string (log keys `f"{name}_rmax"` and `f"{name}_dmax"`).
+            Defaults to `None`.
 
     Example:
 
     >>> import keras_norms
     >>> warmup = keras_norms.callbacks.RenormWarmup(
     ...     rmax_steps=(500, 4000), dmax_steps=(500, 2500))
-    >>> # model.fit(x, y, callbacks=[warmup])
+    >>> # model.fit(x, y, callbacks=[warmup])  # logs "rmax", "dmax"
+    >>> # Two groups of layers on two schedules, logged apart:
+    >>> body = keras_norms.callbacks.RenormWarmup(
+    ...     layers=["brn_1", "brn_2"], name="body")  # "body_rmax", ...
+    >>> head = keras_norms.callbacks.RenormWarmup(
+    ...     rmax=2.0, layers=["brn_3"], name="head")  # "head_rmax", ...
 
     Reference:
 
@@ -116,6 +137,7 @@ class RenormWarmup(Callback):
         rmax_steps=(5000, 40000),
         dmax_steps=(5000, 25000),
         layers=None,
+        name=None,
     ):
         super().__init__()
         self.rmax = rmax if callable(rmax) else check_rmax("rmax", rmax)
@@ -134,6 +156,18 @@ class RenormWarmup(Callback):
                     )
             layers = list(layers)
         self.layers = layers
+        self.name = _check_name(name)
+        self._chosen = []  # the layers it warms up in the current fit()
+        self._fit = None  # the History of that fit()
+        self._log = None  # its ClippingLog, while it reports
+        self._paused = False  # during validation
+
+    @property
+    def log_keys(self):
+        """The `(rmax, dmax)` keys of the logs."""
+        if self.name is None:
+            return "rmax", "dmax"
+        return f"{self.name}_rmax", f"{self.name}_dmax"
 
     def schedules(self):
         """The `(rmax, dmax)` schedules, each a callable `step -> value`."""
@@ -174,30 +208,94 @@ class RenormWarmup(Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        iterations = ops.convert_to_numpy(model.optimizer.iterations)
-        rmax, dmax = self.schedules()
-        for layer in self._renorm_layers():
+        chosen = self._renorm_layers()
+        for layer in chosen:
             if not layer.built:
                 raise ValueError(
                     f"Layer {layer.name!r} is not built; RenormWarmup needs "
                     "a built model (call it on data or give it an Input)."
                 )
+        self._fit = getattr(model, "history", None)
+        self._check_others(chosen)
+        iterations = ops.convert_to_numpy(model.optimizer.iterations)
+        rmax, dmax = self.schedules()
+        for layer in chosen:
             layer.step.assign(int(iterations))
             layer.set_clipping_schedule(rmax=rmax, dmax=dmax)
-        # The train function may have been traced with another schedule.
+        self._chosen = chosen
+        self._start_log()
+        # The train function may have been traced with another schedule
+        # or other metrics.
         model.make_train_function(force=True)
 
-    def on_train_end(self, logs=None):
-        for layer in self._renorm_layers():
-            layer.set_clipping_schedule(None, None)
-        self.model.make_train_function(force=True)
+    def _check_others(self, chosen):
+        """Drops the reports of a fit() that ended without on_train_end
+        (interrupted); refuses the layers and the log keys of another
+        RenormWarmup of this fit()."""
+        others = []
+        for metric in self.model.metrics:
+            owner = getattr(metric, "owner", None)
+            if not isinstance(metric, ClippingLog) or not isinstance(
+                owner, RenormWarmup
+            ):
+                continue
+            if owner is self or owner._fit is not self._fit:
+                metric.layer.log_clipping(None)
+            elif owner not in others:
+                others.append(owner)
+        mine = {id(layer) for layer in chosen}
+        for other in others:
+            both = [layer.name for layer in other._chosen if id(layer) in mine]
+            if both:
+                raise ValueError(
+                    f"Layers {both} are warmed up by two RenormWarmup "
+                    f"callbacks (name={other.name!r} and name={self.name!r}) "
+                    "and would take the schedule of the last. Give each "
+                    "callback its own `layers`."
+                )
+            if set(self.log_keys) & set(other.log_keys):
+                raise ValueError(
+                    "Two RenormWarmup callbacks of one fit() would log "
+                    f"{list(self.log_keys)}. Give each a distinct `name` "
+                    "(its keys are then f'{name}_rmax', f'{name}_dmax'). "
+                    f"Received: name={self.name!r} twice"
+                )
+
+    def _start_log(self):
+        self._log = self._chosen[0].log_clipping(self.log_keys, owner=self)
+
+    def _stop_log(self):
+        log, self._log = self._log, None
+        if log is not None and any(m is log for m in log.layer.metrics):
+            log.layer.log_clipping(None)
+        return log is not None
+
+    def on_test_begin(self, logs=None):
+        # Validation inside fit(): no `val_rmax`, `val_dmax`.
+        self._paused = self._stop_log()
+
+    def on_test_end(self, logs=None):
+        if self._paused:
+            self._paused = False
+            self._start_log()
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
+        # The logs already hold the values when the train step returns the
+        # model's metrics (the usual case); written again, read after the
+        # epoch, for a custom train step that does not.
+        if logs is None or not self._chosen:
             return
-        layer = self._renorm_layers()[0]
-        logs["rmax"] = float(ops.convert_to_numpy(layer.rmax_value))
-        logs["dmax"] = float(ops.convert_to_numpy(layer.dmax_value))
+        layer = self._chosen[0]
+        rmax_key, dmax_key = self.log_keys
+        logs[rmax_key] = float(ops.convert_to_numpy(layer.rmax_value))
+        logs[dmax_key] = float(ops.convert_to_numpy(layer.dmax_value))
+
+    def on_train_end(self, logs=None):
+        self._stop_log()
+        for layer in self._chosen:
+            layer.set_clipping_schedule(None, None)
+        self._chosen = []
+        self.model.make_train_function(force=True)
 
     def get_config(self):
         def serialize(value):
@@ -217,6 +315,7 @@ class RenormWarmup(Callback):
             "rmax_steps": list(self.rmax_steps),
             "dmax_steps": list(self.dmax_steps),
             "layers": layers,
+            "name": self.name,
         }
 
     @classmethod
@@ -245,6 +344,19 @@ def _check_steps(name, steps):
             f"Received: {name}={steps!r}"
         )
     return begin, end
+
+
+def _check_name(name):
+    message = (
+        "Argument `name` must be None or a non-empty string (the log keys "
+        "are then f'{name}_rmax' and f'{name}_dmax'). "
+        f"Received: name={name!r}"
+    )
+    if name is not None and not isinstance(name, str):
+        raise TypeError(message)
+    if name is not None and not name.strip():
+        raise ValueError(message)
+    return name
 
 
 def _all_layers(model):

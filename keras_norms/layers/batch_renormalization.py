@@ -2,7 +2,9 @@
 
 from keras import initializers
 from keras import ops
+from keras.metrics import Metric
 from keras.saving import register_keras_serializable
+from keras.src.backend import get_stateless_scope
 
 from keras_norms import _stats
 from keras_norms.layers.batch_normalization import BatchNormalization
@@ -186,6 +188,8 @@ class BatchRenormalization(BatchNormalization):
         )
         self._rmax_schedule = None
         self._dmax_schedule = None
+        # Out of Keras's attribute tracking (locked once built) and saving.
+        self._clipping_log = _Slot()
 
     def build_statistics(self, shape):
         def sqrt_of_variance_initializer(shape, dtype=None):
@@ -256,6 +260,51 @@ class BatchRenormalization(BatchNormalization):
                 )
         self._rmax_schedule = rmax
         self._dmax_schedule = dmax
+
+    def log_clipping(self, keys=None, owner=None):
+        """Reports the layer's `rmax` and `dmax` in the logs of `fit()`.
+
+        With `keys=(rmax_key, dmax_key)`, the layer's `metrics` include a
+        `ClippingLog`, a metric with no state and no effect on training
+        whose result is `{rmax_key: rmax, dmax_key: dmax}`, the layer's
+        current values. A model's train step returns the results of its
+        metrics, and `fit()` builds the epoch logs, which every callback
+        receives whatever its place in the list, from them: so the epoch
+        logs carry the values of the epoch's last step. So do the logs of
+        each step on TensorFlow and PyTorch; inside a JAX train step the
+        metrics see only metric variables, so there the step's logs carry
+        NaN (the epoch logs are read after the state sync and are right).
+
+        `keys=None` stops the reports; new keys replace the old ones. A
+        compiled train function must be re-created after a change.
+        `owner` is any object, kept as the metric's `owner` attribute, so
+        that whoever asked for the reports can find them among
+        `model.metrics`. Returns the metric, or `None`.
+        """
+        if keys is None:
+            self._clipping_log.metric = None
+            return None
+        keys = tuple(keys) if isinstance(keys, (list, tuple)) else (keys,)
+        if len(keys) != 2 or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(
+                "Argument `keys` must be None or a pair of non-empty "
+                f"strings (rmax_key, dmax_key). Received: keys={keys!r}"
+            )
+        if keys[0] == keys[1]:
+            raise ValueError(
+                "Argument `keys` must name rmax and dmax differently. "
+                f"Received: keys={keys!r}"
+            )
+        self._clipping_log.metric = ClippingLog(self, keys, owner)
+        return self._clipping_log.metric
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        slot = getattr(self, "_clipping_log", None)  # None during __init__
+        if slot is None or slot.metric is None:
+            return metrics
+        return [*metrics, slot.metric]
 
     def _clipping(self):
         """The (rmax, rmin, dmax) of this training step; advances the step."""
@@ -346,6 +395,54 @@ class BatchRenormalization(BatchNormalization):
         if "renorm" in config or "renorm_clipping" in config:
             config.update(_clipping_from_keras(config))
         return super().from_config(config)
+
+
+class ClippingLog(Metric):
+    """The current `rmax` and `dmax` of a `BatchRenormalization` layer.
+
+    A metric without variables, made by `BatchRenormalization.log_clipping`:
+    `update_state` does nothing and `result()` is `{rmax_key: rmax,
+    dmax_key: dmax}`, read from the layer's variables; NaN where they
+    cannot be read (the metrics of a JAX train step see only metric
+    variables).
+    """
+
+    def __init__(self, layer, keys, owner=None):
+        super().__init__(name=f"{layer.name}_clipping_log")
+        # Neither is a Variable or a Metric: the metric's tracker ignores
+        # them, so the layer's variables do not become metric variables.
+        self.layer = layer
+        self.keys = tuple(keys)
+        self.owner = owner
+
+    def update_state(self, *args, **kwargs):
+        pass
+
+    def result(self):
+        rmax_key, dmax_key = self.keys
+        return {
+            rmax_key: _current(self.layer.rmax_value),
+            dmax_key: _current(self.layer.dmax_value),
+        }
+
+
+def _current(variable):
+    """A copy of the variable's value, or NaN where it cannot be read: in a
+    stateless scope that does not map it (JAX's trainer computes a step's
+    metrics in one that maps only metric variables, the model's own having
+    been moved out of them). Keras has no public accessor of the scope."""
+    scope = get_stateless_scope()
+    if scope is not None and scope.get_current_value(variable) is None:
+        return ops.convert_to_tensor(float("nan"), "float32")
+    return ops.copy(variable)
+
+
+class _Slot:
+    """Holds a `ClippingLog` where Keras neither tracks nor saves it (a
+    layer's tracker is locked once built; saving walks its attributes)."""
+
+    def __init__(self):
+        self.metric = None
 
 
 def _clipping_from_keras(config):

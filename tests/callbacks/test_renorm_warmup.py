@@ -336,3 +336,308 @@ def test_config_round_trip():
     assert isinstance(clone, RenormWarmup)
     assert clone.get_config() == warmup.get_config()
     assert float(to_numpy(clone.rmax(10))) == pytest.approx(2.0)
+
+
+# Two groups of layers on two schedules (issue 20, part 4: the logs).
+GROUPS = {
+    "a": dict(
+        rmax=3.0,
+        dmax=2.0,
+        rmax_steps=(1, 7),
+        dmax_steps=(0, 5),
+        layers=["a1", "a2"],
+    ),
+    "b": dict(
+        rmax=2.0,
+        dmax=1.0,
+        rmax_steps=(2, 4),
+        dmax_steps=(3, 8),
+        layers=["b1"],
+    ),
+}
+GROUP_STEPS, GROUP_EPOCHS = 3, 3  # steps per epoch; last steps 2, 5, 8
+
+
+def _two_group_model():
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras_norms.BatchRenormalization(name="a1"),
+            keras.layers.Dense(3),
+            keras_norms.BatchRenormalization(name="a2"),
+            keras.layers.Dense(3),
+            keras_norms.BatchRenormalization(name="b1"),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def _group_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(GROUP_STEPS * BATCH, 3)).astype("float32")
+    return x, np.zeros_like(x)
+
+
+def _ramp(step, steps, start, end):
+    """The linear warm-up's value at `step`: `start` up to `steps[0]`, then
+    linear to `end` at `steps[1]`, constant after."""
+    begin, finish = steps
+    if step < begin:
+        return start
+    if step >= finish:
+        return end
+    return start + (end - start) * (step - begin) / (finish - begin)
+
+
+def _expected_logs(names):
+    """Per key, the value at the last step of each epoch."""
+    expected = {}
+    for group, name in zip(("a", "b"), names):
+        g = GROUPS[group]
+        prefix = "" if name is None else f"{name}_"
+        last = [GROUP_STEPS * (e + 1) - 1 for e in range(GROUP_EPOCHS)]
+        expected[f"{prefix}rmax"] = [
+            _ramp(s, g["rmax_steps"], 1.0, g["rmax"]) for s in last
+        ]
+        expected[f"{prefix}dmax"] = [
+            _ramp(s, g["dmax_steps"], 0.0, g["dmax"]) for s in last
+        ]
+    return expected
+
+
+def _tensorboard_scalars(log_dir):
+    """`{tag: [value per epoch]}` of the epoch scalars in TensorBoard's
+    training event files."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted((log_dir / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if not value.tag.startswith("epoch_"):
+                    continue  # e.g. the model's config, as text
+                if value.HasField("tensor"):
+                    number = float(tf.make_ndarray(value.tensor))
+                else:
+                    number = value.simple_value
+                scalars.setdefault(value.tag, []).append((event.step, number))
+    return {
+        tag: [v for _, v in sorted(pairs)] for tag, pairs in scalars.items()
+    }
+
+
+def _fit_two_warmups(names, loggers, position):
+    """Fits the two-group model with `loggers` listed `position` the two
+    warm-ups (and validation data); returns the model."""
+    model = _two_group_model()
+    warmups = [
+        RenormWarmup(**GROUPS["a"], name=names[0]),
+        RenormWarmup(**GROUPS["b"], name=names[1]),
+    ]
+    callbacks = loggers + warmups if position == "before" else warmups + loggers
+    x, y = _group_data()
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=GROUP_EPOCHS,
+        shuffle=False,
+        verbose=0,
+        validation_data=(x, y),
+        callbacks=callbacks,
+    )
+    return model
+
+
+NAMES = pytest.mark.parametrize(
+    "names", [("body", "head"), (None, "head")], ids=["named", "default"]
+)
+POSITIONS = pytest.mark.parametrize("position", ["before", "after"])
+
+
+@NAMES
+@POSITIONS
+def test_two_warmups_log_their_own_schedules_to_history_and_csv(
+    names, position, tmp_path
+):
+    history = keras.callbacks.History()
+    csv_path = tmp_path / "log.csv"
+    loggers = [history, keras.callbacks.CSVLogger(str(csv_path))]
+    model = _fit_two_warmups(names, loggers, position)
+    assert model.history is history
+    expected = _expected_logs(names)
+    assert len(expected) == 4
+    for key, values in expected.items():
+        np.testing.assert_allclose(history.history[key], values, rtol=1e-6)
+        assert f"val_{key}" not in history.history
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    for key, values in expected.items():
+        np.testing.assert_allclose(
+            [float(row[key]) for row in rows], values, rtol=1e-6
+        )
+    # The reports end with the fit: metrics and evaluate() are as before.
+    assert [m.name for m in model.metrics] == ["loss"]
+    x, y = _group_data()
+    assert set(model.evaluate(x, y, verbose=0, return_dict=True)) == {"loss"}
+
+
+@POSITIONS
+def test_two_warmups_log_their_own_schedules_to_tensorboard(position, tmp_path):
+    # Keras's TensorBoard writes through tf.summary on every backend.
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tensorboard")
+    board = keras.callbacks.TensorBoard(str(tmp_path / "board"))
+    names = ("body", "head")
+    _fit_two_warmups(names, [board], position)
+    scalars = _tensorboard_scalars(tmp_path / "board")
+    for key, values in _expected_logs(names).items():
+        np.testing.assert_allclose(scalars[f"epoch_{key}"], values, rtol=1e-6)
+        assert f"epoch_val_{key}" not in scalars
+
+
+def test_default_keys_reach_loggers_listed_first(tmp_path):
+    x, y = _group_data()
+    model = _two_group_model()
+    csv_path = tmp_path / "log.csv"
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.CSVLogger(str(csv_path)),
+            RenormWarmup(**GROUPS["a"]),
+        ],
+    )
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    expected = _expected_logs((None, "unused"))
+    for key in ("rmax", "dmax"):
+        np.testing.assert_allclose(
+            [float(row[key]) for row in rows], expected[key][:2], rtol=1e-6
+        )
+
+
+class _BatchLogs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rows.append((float(logs["head_rmax"]), float(logs["head_dmax"])))
+
+
+def test_step_logs_carry_each_steps_values_or_nan_on_jax():
+    x, y = _group_data()
+    model = _two_group_model()
+    recorder = _BatchLogs()
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=GROUP_EPOCHS,
+        shuffle=False,
+        verbose=0,
+        callbacks=[recorder, RenormWarmup(**GROUPS["b"], name="head")],
+    )
+    g = GROUPS["b"]
+    steps = range(GROUP_STEPS * GROUP_EPOCHS)
+    expected = [
+        (
+            _ramp(s, g["rmax_steps"], 1.0, g["rmax"]),
+            _ramp(s, g["dmax_steps"], 0.0, g["dmax"]),
+        )
+        for s in steps
+    ]
+    if BACKEND == "jax":  # a JAX train step's metrics see metric variables
+        expected = [(np.nan, np.nan)] * len(expected)
+    np.testing.assert_allclose(recorder.rows, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "first,second,match",
+    [
+        (dict(layers=["a1"]), dict(layers=["b1"]), "distinct `name`"),
+        (
+            dict(layers=["a1"], name="x"),
+            dict(layers=["b1"], name="x"),
+            "distinct `name`",
+        ),
+        (
+            dict(layers=["a1", "a2"], name="x"),
+            dict(layers=["a2"], name="y"),
+            r"Layers \['a2'\] are warmed up by two",
+        ),
+        (dict(name="x"), dict(name="y"), "two RenormWarmup"),
+    ],
+    ids=["default_twice", "same_name", "shared_layer", "all_layers_twice"],
+)
+def test_colliding_warmups_raise_when_training_begins(first, second, match):
+    x, y = _group_data()
+    model = _two_group_model()
+    callbacks = [RenormWarmup(**first), RenormWarmup(**second)]
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=callbacks)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        raise _Interrupted  # as a KeyboardInterrupt would
+
+
+def test_interrupted_fit_leaves_no_stale_keys():
+    x, y = _group_data()
+    model = _two_group_model()
+    with pytest.raises(_Interrupted):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            verbose=0,
+            callbacks=[RenormWarmup(), _Interrupt()],
+        )
+    # No on_train_end: a new callback with the same keys takes over.
+    history = model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        verbose=0,
+        callbacks=[RenormWarmup(**GROUPS["a"])],
+    )
+    assert set(history.history) == {"loss", "rmax", "dmax"}
+    assert [m.name for m in model.metrics] == ["loss"]
+
+
+@pytest.mark.parametrize("name", [3, b"head", ["head"]])
+def test_name_must_be_a_string(name):
+    with pytest.raises(TypeError, match="`name` must be None or a non-empty"):
+        RenormWarmup(name=name)
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_name_must_not_be_empty(name):
+    with pytest.raises(ValueError, match="`name` must be None or a non-empty"):
+        RenormWarmup(name=name)
+
+
+@pytest.mark.parametrize("name", [None, "head"])
+def test_config_round_trip_keeps_the_name(name):
+    warmup = RenormWarmup(layers=["b1"], name=name)
+    assert warmup.get_config()["name"] == name
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(warmup)
+    )
+    assert isinstance(clone, RenormWarmup)
+    assert clone.name == name
+    assert clone.get_config() == warmup.get_config()
+    assert clone.log_keys == (
+        ("rmax", "dmax") if name is None else ("head_rmax", "head_dmax")
+    )
