@@ -1,20 +1,28 @@
-"""Reads and rebuilds the graph of a Sequential or functional model.
+"""Reads and rebuilds the graph of a model, for the model utilities.
 
-One walk of a model's layer calls serves the model utilities:
 `fold_normalization` and `convert_normalization` rebuild a model with some
 layers replaced or skipped (`rewrite`), `recompute_statistics` orders its
 passes by who feeds whom (`nodes`). Keras has no public graph API: the
-private structures `clone_model` itself reads (`_nodes_by_depth`,
-`_keras_history`, a `Sequential`'s input layer) are confined here.
+private structures that `clone_model` itself reads are used only here.
 """
 
 import collections
 
 import keras
+import numpy as np
 from keras import layers
 
-# `Plan.replace` returns this for a layer whose input goes straight on.
+# What `Plan.replace` returns for a layer whose input goes straight on.
 SKIP = object()
+
+# One call of a layer in a model's graph: the layer that made its input
+# (None if unknown), the input's rank (None if unknown), the number of uses
+# of the input (model outputs included), the value of `training`, whether
+# a mask other than the input's own is passed, and whether more tensors
+# than the input and its mask are.
+Call = collections.namedtuple(
+    "Call", "layer source rank uses training other_mask other_inputs"
+)
 
 
 def has_graph(layer):
@@ -47,21 +55,42 @@ def inner_layers(layer, types):
     ]
 
 
-class Call:
-    """One call of a layer in a model's graph."""
+def describe(layer):
+    return f"{type(layer).__name__} '{layer.name}'"
 
-    def __init__(self, layer, source, rank, uses, kwargs):
-        self.layer = layer
-        self.source = source  # the layer that made the input, or None
-        self.rank = rank  # rank of the input, or None if unknown
-        self.uses = uses  # number of uses of the input (outputs included)
-        # "training": its value; "mask": a mask other than the input's;
-        # "inputs": more input tensors than the input and its mask.
-        self.kwargs = kwargs
+
+def numpy(variable):
+    """The value of `variable` as a float64 NumPy array."""
+    # `.numpy()`: convert_to_numpy warns about NumPy 2's `copy` on TF.
+    return np.asarray(variable.numpy(), np.float64)
+
+
+def assign(variable, value):
+    """Assigns a NumPy `value` in the dtype and shape of `variable`."""
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    variable.assign(np.asarray(value, dtype).reshape(variable.shape))
+
+
+def statistics(mean, variance, epsilon):
+    """The moving statistics of a batch normalization with this `mean` and
+    `variance`, renormalization's (from the same values) included."""
+    stddev = np.sqrt(variance + epsilon)
+    return {
+        "moving_mean": mean,
+        "moving_variance": variance,
+        "moving_stddev": stddev,
+        "renorm_mean": mean,
+        "renorm_stddev": stddev,
+    }
+
+
+def feature_axes(norm, rank):
+    axes = norm.axis if isinstance(norm.axis, (list, tuple)) else [norm.axis]
+    return tuple(sorted(a % rank for a in axes))
 
 
 class Graph:
-    """The calls of a `Sequential` or functional model's layers."""
+    """The calls of the layers of a `Sequential` or functional model."""
 
     def __init__(self, model, utility, targets):
         if not isinstance(model, keras.Model):
@@ -85,49 +114,17 @@ class Graph:
             )
         self.model = model
         self.sequential = isinstance(model, keras.Sequential)
-        self.calls = (
-            self._sequential_calls() if self.sequential else self._calls()
-        )
+        if self.sequential:
+            self.calls, source = [], None
+            for layer in model.layers:
+                rank = getattr(getattr(layer, "input_spec", None), "ndim", None)
+                self.calls.append(
+                    Call(layer, source, rank, 1, None, False, False)
+                )
+                source = layer
+        else:
+            self.calls = list(_functional_calls(model))
         self.counts = collections.Counter(id(c.layer) for c in self.calls)
-
-    def _sequential_calls(self):
-        calls, source = [], None
-        for layer in self.model.layers:
-            spec = getattr(layer, "input_spec", None)
-            rank = getattr(spec, "ndim", None)
-            calls.append(Call(layer, source, rank, 1, {}))
-            source = layer
-        return calls
-
-    def _calls(self):
-        found = nodes(self.model)
-        uses = collections.Counter()
-        for node in found:
-            uses.update(id(x) for x in node.input_tensors)
-        uses.update(id(x) for x in self.model.outputs)
-        calls = []
-        for node in found:
-            args, kwargs = node.arguments.args, node.arguments.kwargs
-            first = args[0] if args else None
-            source = rank = None
-            if isinstance(first, keras.KerasTensor):
-                source = first._keras_history.operation
-                rank = len(first.shape)
-            # Keras records the input's own mask as `mask=` (and passes it
-            # on to later layers as theirs); any other tensor is extra.
-            own_mask = getattr(first, "_keras_mask", None)
-            extra = {
-                "training": kwargs.get("training"),
-                "mask": kwargs.get("mask") is not own_mask,
-                "inputs": any(
-                    x is not first and x is not own_mask
-                    for x in node.input_tensors
-                ),
-            }
-            calls.append(
-                Call(node.operation, source, rank, uses[id(first)], extra)
-            )
-        return calls
 
     def pair_reason(self, call, linear_types):
         """Why the layer of `call` cannot be merged with the layer before it,
@@ -135,12 +132,11 @@ class Graph:
         layer, linear = call.layer, call.source
         if self.counts[id(layer)] > 1:
             return f"it is shared (called {self.counts[id(layer)]} times)"
-        reason = call_reason(call)
-        if reason is not None:
+        if reason := call_reason(call):
             return reason
         if linear is None:
             return "it is the first layer: no Dense or convolution before it"
-        what = f"{type(linear).__name__} '{linear.name}'"
+        what = describe(linear)
         if isinstance(linear, layers.InputLayer):
             return f"its input is the model input '{linear.name}'"
         if type(linear) not in linear_types:
@@ -175,7 +171,8 @@ class Graph:
         if call.rank is None:
             return "the rank of its input is unknown"
         axes = feature_axes(layer, call.rank)
-        channel = 1 if _channels_first(linear) else call.rank - 1
+        channels_first = getattr(linear, "data_format", "") == "channels_first"
+        channel = 1 if channels_first else call.rank - 1
         if axes != (channel,):
             return (
                 f"its feature axes {list(axes)} are not the channel axis "
@@ -183,140 +180,122 @@ class Graph:
             )
         return None
 
-    def input_layer(self):
-        """A new `Input` like the Sequential model's."""
-        # Once built, a Sequential starts with an InputLayer, maybe implicit.
-        return _new_input(self.model._layers[0])
 
-    def inputs(self):
-        """New `Input`s like the functional model's, in its structure.
-
-        `clone_model` would name each after its tensor, not its layer.
-        """
-        return keras.tree.map_structure(
-            lambda x: _new_input(x._keras_history.operation), self.model.input
+def _functional_calls(model):
+    found = nodes(model)
+    uses = collections.Counter(id(x) for x in model.outputs)
+    for node in found:
+        uses.update(id(x) for x in node.input_tensors)
+    for node in found:
+        args, kwargs = node.arguments.args, node.arguments.kwargs
+        x = args[0] if args else None
+        known = isinstance(x, keras.KerasTensor)
+        # Keras records the input's own mask as `mask=` (and passes it on
+        # to later layers as theirs); any other tensor is extra.
+        mask = getattr(x, "_keras_mask", None)
+        yield Call(
+            node.operation,
+            x._keras_history.operation if known else None,
+            len(x.shape) if known else None,
+            uses[id(x)],
+            kwargs.get("training"),
+            kwargs.get("mask") is not mask,
+            any(t is not x and t is not mask for t in node.input_tensors),
         )
 
 
 def call_reason(call):
     """Why the arguments of `call` keep its layer in place (or None)."""
-    if call.kwargs.get("mask"):
+    if call.other_mask:
         return (
             "it is called with a mask other than its input's, which would "
             "no longer reach the next layers"
         )
-    if call.kwargs.get("inputs"):
+    if call.other_inputs:
         return "it is called with more than one input tensor"
     return None
 
 
-def feature_axes(norm, rank):
-    axes = norm.axis if isinstance(norm.axis, (list, tuple)) else [norm.axis]
-    return tuple(sorted(a % rank for a in axes))
-
-
-def _channels_first(layer):
-    return getattr(layer, "data_format", None) == "channels_first"
-
-
-def _new_input(layer):
-    return keras.Input(
-        batch_shape=layer.batch_shape,
-        dtype=layer.dtype,
-        sparse=layer.sparse,
-        ragged=layer.ragged,
-        name=layer.name,
-        optional=layer.optional,
-    )
-
-
 class Plan:
-    """What the layers of one model become; subclassed by each utility.
+    """What the layers of one model become, subclassed by each utility.
 
-    `targets` are the layer types the utility works on, `utility` its
-    name for messages. A plan fills `report` (layer name, with the nested
-    models' names as a prefix, -> what happened) and returns from
-    `replace` a new layer, `SKIP`, or None for a copy of the layer.
+    A subclass names the layer `targets` it works on and its `utility` for
+    messages, fills `report` (layer name, with the nested models' names as a
+    prefix -> what happened), returns from `replace(layer)` a new layer,
+    `SKIP`, or None for a copy, and gives each new layer its weights in
+    `set_weights(old, new)` once the new model is built.
     """
 
-    targets = ()
-    utility = ""
-
     def __init__(self, graph, prefix):
-        self.graph = graph
         self.prefix = prefix
         self.report = {}
 
-    def replace(self, layer):
-        return None
-
-    def call(self, layer, args, kwargs):
-        """Calls a new layer in the new functional model."""
-        return layer(*args, **kwargs)
-
-    def unreachable(self, name, layer, reason):
-        """Reports a target `layer` that the rewrite cannot reach."""
+    def kept(self, name, layer, reason):
+        """Reports a target `layer` that stays as it is."""
         self.report[name] = reason
-
-    def set_weights(self):
-        """Gives the new layers their weights, once they are built."""
 
 
 def rewrite(model, make_plan, prefix="", **options):
     """A new model where `make_plan(graph, prefix, **options)` says what
     each layer becomes, nested Sequential and functional models included.
 
-    Copies keep their weights; the plan sets the others'. The new model
-    keeps the names, `trainable` and compile configuration of `model`.
-    Returns `(new_model, report)`, the plans' reports merged.
+    The new model keeps the names, `trainable` and compile configuration of
+    `model`. Returns `(new_model, report)`, the plans' reports merged.
     """
     graph = Graph(model, make_plan.utility, make_plan.targets)
     plan = make_plan(graph, prefix, **options)
-    report, copies, clones = plan.report, [], {}
+    report, clones, copies, made = plan.report, {}, [], {}
 
     def clone(layer):
         if id(layer) in clones:  # a shared layer stays shared
             return clones[id(layer)]
+        name = f"{prefix}{layer.name}/"
         if isinstance(layer, keras.Model) and has_graph(layer):
-            name = f"{prefix}{layer.name}/"
             new, inner = rewrite(layer, make_plan, name, **options)
             report.update(inner)
         else:
             if isinstance(layer, keras.Model):  # subclassed: as it is
                 for sub in inner_layers(layer, make_plan.targets):
-                    plan.unreachable(
-                        f"{prefix}{layer.name}/{sub.name}",
+                    plan.kept(
+                        name + sub.name,
                         sub,
                         f"it is inside the subclassed model '{layer.name}', "
                         "which has no graph to rewrite",
                     )
             new = plan.replace(layer)
             if new is None:
-                new = type(layer).from_config(layer.get_config())
+                new = _copy(layer)
                 if isinstance(layer, layers.Layer):  # not a keras.ops op
                     copies.append((layer, new))
+            elif new is not SKIP:
+                made[id(new)] = (layer, new)
         clones[id(layer)] = new
         return new
 
-    if graph.sequential:
-        new_layers = [clone(layer) for layer in model.layers]
+    def call_function(layer, *args, **kwargs):
+        if layer is SKIP:
+            return args[0]
+        if id(layer) in made and not layer._call_has_mask_arg:
+            kwargs.pop("mask", None)  # e.g. a Dense that replaces a CBN
+        return layer(*args, **kwargs)
+
+    if graph.sequential:  # once built, it starts with an InputLayer
+        new_layers = [_copy(model._layers[0])]
+        new_layers += [clone(layer) for layer in model.layers]
         rebuilt = keras.Sequential(
-            [graph.input_layer()] + [x for x in new_layers if x is not SKIP],
+            [layer for layer in new_layers if layer is not SKIP],
             name=model.name,
             trainable=model.trainable,
         )
         if model.compiled:
             rebuilt.compile_from_config(model.get_compile_config())
     else:
-
-        def call_function(layer, *args, **kwargs):
-            if layer is SKIP:
-                return args[0]
-            return plan.call(layer, args, kwargs)
-
         rebuilt = keras.models.clone_model(
             model,
-            input_tensors=graph.inputs(),
+            # `clone_model` would name the inputs after their tensors.
+            input_tensors=keras.tree.map_structure(
+                lambda x: _copy(x._keras_history.operation).output, model.input
+            ),
             clone_function=clone,
             call_function=call_function,
         )
@@ -324,5 +303,10 @@ def rewrite(model, make_plan, prefix="", **options):
             rebuilt.trainable = False
     for old, new in copies:
         new.set_weights(old.get_weights())
-    plan.set_weights()
+    for old, new in made.values():
+        plan.set_weights(old, new)
     return rebuilt, report
+
+
+def _copy(layer):
+    return type(layer).from_config(layer.get_config())

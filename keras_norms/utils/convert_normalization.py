@@ -3,7 +3,6 @@
 import functools
 import warnings
 
-import numpy as np
 from keras import layers
 
 from keras_norms import _linear
@@ -23,8 +22,11 @@ _TARGETS = (
     BatchRenormalization,
     CrossIterationBatchNormalization,
 )
-# Keras's renormalization arguments, which only BatchRenormalization reads.
-_KERAS_RENORM = ("renorm", "renorm_clipping", "renorm_momentum")
+# The weights a new layer takes from the one it replaces, where both have it.
+_WEIGHTS = (
+    "gamma beta moving_mean moving_variance moving_stddev renorm_mean "
+    "renorm_stddev step"
+).split()
 
 
 def convert_normalization(model, to, return_report=False, **layer_kwargs):
@@ -128,35 +130,31 @@ class _Conversion(_graph.Plan):
 
     def __init__(self, graph, prefix, to, layer_kwargs):
         super().__init__(graph, prefix)
-        self.to = to
         self.layer_kwargs = layer_kwargs
-        self.wrapped = {}  # id(linear) -> the normalization that wraps it
-        self.converted = []  # (old layer, new layer)
+        self.new = {}  # id(normalization) -> (its new class, linear or None)
+        self.wrapped = set()  # id(linear layer that a new CBN wraps)
         for call in graph.calls:
-            norm = call.layer
+            norm, linear = call.layer, call.source
             if type(norm) not in _SOURCES:
                 if isinstance(norm, _SOURCES):
-                    self._note(
+                    self.kept(
+                        prefix + norm.name,
                         norm,
-                        type(norm),
-                        f"kept: it is a {type(norm).__name__}, a subclass "
-                        "whose call may differ",
+                        f"it is a {type(norm).__name__}, a subclass whose "
+                        "call may differ",
                     )
                 continue
             if to is not CrossIterationBatchNormalization:
-                self._note(norm, to, "converted")
-                continue
-            reason = _wrap_reason(call, graph)
-            if reason is None:
-                self.wrapped[id(call.source)] = norm
-                why = f"wraps the {_what(call.source)} that feeds it"
-                self._note(norm, to, why)
+                self._plan(norm, to, "converted")
+            elif reason := _wrap_reason(call, graph):
+                reason = f"CBN cannot wrap it: {reason}"
+                self._plan(norm, BatchNormalization, reason)
             else:
-                self._note(
-                    norm, BatchNormalization, f"CBN cannot wrap it: {reason}"
-                )
+                self.wrapped.add(id(linear))
+                reason = f"wraps the {_graph.describe(linear)} that feeds it"
+                self._plan(norm, to, reason, linear)
 
-    def _note(self, layer, to, reason):
+    def _plan(self, layer, to, reason, linear=None):
         renorm = isinstance(layer, BatchRenormalization) or getattr(
             layer, "renorm", False
         )
@@ -165,43 +163,38 @@ class _Conversion(_graph.Plan):
                 f"; {to.__name__} does not renormalize: the renormalization "
                 "clipping and statistics are dropped"
             )
+        self.new[id(layer)] = (to, linear)
         self.report[self.prefix + layer.name] = {"to": to, "reason": reason}
 
-    def unreachable(self, name, layer, reason):
+    def kept(self, name, layer, reason):
         self.report[name] = {"to": type(layer), "reason": f"kept: {reason}"}
 
     def replace(self, layer):
         if id(layer) in self.wrapped:
             return _graph.SKIP
-        entry = self.report.get(self.prefix + layer.name)
-        if type(layer) not in _SOURCES or entry is None:
+        if id(layer) not in self.new:
             return None
-        to = entry["to"]
+        to, linear = self.new[id(layer)]
         config = _config_for(to, layer.get_config(), self.layer_kwargs)
-        if to is CrossIterationBatchNormalization:
-            linear = next(x for x in self.graph.calls if x.layer is layer)
-            linear = linear.source
-            inner = type(linear).from_config(linear.get_config())
-            new = to(inner, **config)
-            self.converted.append((layer, new, linear))
-        else:
-            new = to.from_config(config)
-            self.converted.append((layer, new, None))
-        return new
+        if linear is None:
+            return to.from_config(config)
+        return to(type(linear).from_config(linear.get_config()), **config)
 
-    def set_weights(self):
-        for old, new, linear in self.converted:
-            if linear is not None:
-                new.layer.set_weights(linear.get_weights())
-            values = _statistics(old)
-            for name, value in values.items():
-                variable = getattr(new, name, None)
-                if variable is not None:
-                    variable.assign(
-                        np.asarray(value, variable.dtype).reshape(
-                            variable.shape
-                        )
-                    )
+    def set_weights(self, old, new):
+        _, linear = self.new[id(old)]
+        if linear is not None:
+            new.layer.set_weights(linear.get_weights())
+        weights = {
+            name: _graph.numpy(getattr(old, name))
+            for name in _WEIGHTS
+            if getattr(old, name, None) is not None
+        }
+        # Renormalization statistics start from the moving ones.
+        moving = weights["moving_mean"], weights["moving_variance"]
+        weights = _graph.statistics(*moving, old.epsilon) | weights
+        for name, value in weights.items():
+            if getattr(new, name, None) is not None:
+                _graph.assign(getattr(new, name), value)
 
 
 def _example(to, layer_kwargs):
@@ -228,13 +221,9 @@ def _config_for(to, config, layer_kwargs):
 def _accepted(to):
     """The arguments of `to` that a converted layer's config may give."""
     accepted = set(_example(to, {}).get_config()) - {"layer"}
-    if to is BatchRenormalization:
-        accepted.update(_KERAS_RENORM)  # from_config maps them
+    if to is BatchRenormalization:  # Keras's, which from_config maps
+        accepted.update(("renorm", "renorm_clipping", "renorm_momentum"))
     return accepted
-
-
-def _what(layer):
-    return f"{type(layer).__name__} '{layer.name}'"
 
 
 def _wrap_reason(call, graph):
@@ -243,27 +232,9 @@ def _wrap_reason(call, graph):
     if reason is not None:
         return reason
     if call.source.use_bias:
-        return f"the {_what(call.source)} before it has a bias"
+        return f"the {_graph.describe(call.source)} before it has a bias"
     try:
         _linear.check_supported(call.source)
     except ValueError as error:
         return str(error)
     return None
-
-
-def _statistics(norm):
-    """The weights of `norm` by name, with a BatchRenormalization's
-    statistics started from the moving ones where `norm` has none."""
-    values = {
-        name: np.asarray(getattr(norm, name).numpy(), np.float64)
-        for name in ("gamma", "beta", "moving_mean", "moving_variance")
-        if getattr(norm, name, None) is not None
-    }
-    stddev = np.sqrt(values["moving_variance"] + norm.epsilon)
-    values["moving_stddev"] = stddev
-    values["renorm_mean"] = values["moving_mean"]
-    values["renorm_stddev"] = stddev
-    for name in ("moving_stddev", "renorm_mean", "renorm_stddev", "step"):
-        if getattr(norm, name, None) is not None:  # a renorm layer's own
-            values[name] = np.asarray(getattr(norm, name).numpy())
-    return values

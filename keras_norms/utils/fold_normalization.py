@@ -1,15 +1,12 @@
 """Folds inference-mode batch normalization into the preceding linear layer.
 
-In inference mode a batch normalization is a per-channel affine map,
-`y = x * s + t` with `s = gamma / sqrt(moving_variance + epsilon)` and
-`t = beta - moving_mean * s`. After a linear layer `x = W u + b` it can be
-merged into the layer: `y = (W * s) u + (b * s + t)`, scaling the kernel
-along its output-channel axis.
+In inference, a batch normalization is `y = x * s + t` per channel, with
+`s = gamma / sqrt(moving_variance + epsilon)`, `t = beta - moving_mean * s`.
+After `x = W u + b` it folds into `y = (W * s) u + (b * s + t)`.
 """
 
 import warnings
 
-import keras
 import numpy as np
 from keras import layers
 
@@ -53,17 +50,13 @@ def fold_normalization(model, return_report=False):
     convolution layer (`Conv1D/2D/3D`, their `Transpose` variants,
     `DepthwiseConv1D/2D`, `SeparableConv1D/2D`), and every
     `keras_norms.CrossIterationBatchNormalization` (with the layer it wraps),
-    is merged into that layer's kernel and bias using its inference formula
-
-    `outputs = gamma * (inputs - moving_mean) / sqrt(moving_variance +
-    epsilon) + beta`
-
-    (also that of `BatchRenormalization`, and of the CBN applied to its
-    wrapped layer's bias-free output). The folded layer keeps its name and
-    gets `use_bias=True`. The new model gives the predictions of `model` in
-    inference mode (`training=False`) up to float32 rounding, with fewer
-    layers and operations. The weights are computed in float64 and cast to
-    the dtype of each variable. `model` itself is not modified.
+    is merged into that layer's kernel and bias using the inference formula
+    they share, `gamma * (inputs - moving_mean) / sqrt(moving_variance +
+    epsilon) + beta`. The folded layer keeps its name and gets
+    `use_bias=True`; its weights are computed in float64 and cast to each
+    variable's dtype. The new model predicts as `model` does in inference
+    mode (`training=False`), up to float32 rounding, with fewer layers and
+    operations. `model` itself is not modified.
 
     A normalization layer is kept (copied with its weights, and so is the
     layer before it) when folding would change the predictions or is not
@@ -82,13 +75,11 @@ def fold_normalization(model, return_report=False):
       mask would not reach the next layers after folding);
     - it is a subclass of a supported class (its `call` may differ).
 
-    A `UserWarning` names each kept layer and the reason; `return_report`
-    gives the same as a dict. A shared CBN is folded into one shared linear
-    layer. Nested `Sequential` and functional models are folded
-    recursively (a normalization layer is never folded across a model
-    boundary). A model without normalization layers is returned as a plain
-    copy, without a warning. If `model` is compiled, the copy is compiled
-    with the same configuration.
+    A `UserWarning` names each kept layer and the reason. A shared CBN is
+    folded into one shared linear layer. Nested `Sequential` and functional
+    models are folded too, never across a model boundary. A model without
+    normalization layers is copied without a warning. A compiled `model`
+    gives a copy compiled the same way.
 
     Args:
         model: A built `keras.Sequential` or functional `keras.Model`.
@@ -138,7 +129,7 @@ def fold_normalization(model, return_report=False):
 
 
 class _Folding(_graph.Plan):
-    """Decides what to fold, makes the new layers and then their weights."""
+    """Folds each normalization it can into the layer before it."""
 
     targets = _NORMALIZATIONS
     utility = "fold_normalization"
@@ -147,110 +138,76 @@ class _Folding(_graph.Plan):
         super().__init__(graph, prefix)
         self.folds = {}  # id(linear or CBN) -> (linear, normalization)
         self.removed = set()  # id(normalization folded into the previous)
-        self.folded = []  # (linear, normalization, new layer)
-        self.unwrapped = set()  # id(new layer) that replaces a CBN
         self.names = {layer.name for layer in graph.model.layers}
-        candidates = {}  # id(normalization) -> (key in folds, linear, it)
         for call in graph.calls:
             norm = call.layer
             if not isinstance(norm, _NORMALIZATIONS):
                 continue
-            reason = _subclass_reason(norm) or _training_reason(call)
-            if isinstance(norm, CrossIterationBatchNormalization):
-                reason = reason or _graph.call_reason(call)
-                key, linear = id(norm), norm.layer
+            cbn = isinstance(norm, CrossIterationBatchNormalization)
+            if type(norm) not in _NORMALIZATIONS:
+                base = next(c for c in _NORMALIZATIONS if isinstance(norm, c))
+                reason = (
+                    f"it is a {type(norm).__name__}, a subclass of "
+                    f"{base.__name__} whose inference formula may differ"
+                )
+            elif call.training and norm.trainable:
+                reason = (
+                    "it is called with training=True, so it always "
+                    "normalizes with the statistics of the batch"
+                )
+            elif cbn:
+                reason = _graph.call_reason(call)
             else:
-                reason = reason or graph.pair_reason(call, _LINEAR)
-                key, linear = id(call.source), call.source
-            if reason is None:
-                candidates[id(norm)] = (key, linear, norm)
-            else:
+                reason = graph.pair_reason(call, _LINEAR)
+            if reason is not None:
                 self.report[prefix + norm.name] = reason
-        for norm_id, (key, linear, norm) in candidates.items():
+            elif cbn:
+                self.folds[id(norm)] = (norm.layer, norm)
+            else:
+                self.folds[id(call.source)] = (call.source, norm)
+                self.removed.add(id(norm))
+        # A shared CBN stays if one of its calls cannot be folded.
+        for key, (_, norm) in list(self.folds.items()):
             if prefix + norm.name in self.report:
-                continue  # a shared CBN, one of whose calls cannot be folded
-            self.folds[key] = (linear, norm)
-            if key != norm_id:
-                self.removed.add(norm_id)
+                del self.folds[key]
 
     def replace(self, layer):
         if id(layer) in self.removed:
             return _graph.SKIP
         if id(layer) not in self.folds:
             return None
-        linear, norm = self.folds[id(layer)]
-        config = linear.get_config()
-        config["use_bias"] = True
-        if linear is not layer:  # a CBN's wrapped layer
+        linear, _ = self.folds[id(layer)]
+        config = linear.get_config() | {"use_bias": True}
+        if linear is not layer:  # a CBN's wrapped layer takes its place
             self.names.discard(layer.name)
             if config["name"] in self.names:
                 config["name"] = layer.name
             self.names.add(config["name"])
-        new = type(linear).from_config(config)
-        if linear is not layer:
-            self.unwrapped.add(id(new))
-        self.folded.append((linear, norm, new))
-        return new
+        return type(linear).from_config(config)
 
-    def call(self, layer, args, kwargs):
-        if id(layer) in self.unwrapped:  # was a CBN: no mask, training
-            kwargs.pop("mask", None)
-            kwargs.pop("training", None)
-        return layer(*args, **kwargs)
-
-    def set_weights(self):
-        for linear, norm, new in self.folded:
-            kernel_name, layout = _LINEAR[type(linear)]
-            for old, var in zip(linear.get_weights(), new.weights):
-                var.assign(old)  # e.g. a separable depthwise kernel
-            scale, shift = _affine(norm)
-            kernel = _numpy(getattr(linear, kernel_name))
-            bias = _numpy(linear.bias) if linear.use_bias else 0.0
-            kernel = kernel * _kernel_shape(scale, layout, kernel.shape)
-            _assign(getattr(new, kernel_name), kernel)
-            _assign(new.bias, bias * scale + shift)
-
-
-def _training_reason(call):
-    if call.kwargs.get("training") and call.layer.trainable:
-        return (
-            "it is called with training=True, so it always normalizes with "
-            "the statistics of the batch"
-        )
-    return None
-
-
-def _subclass_reason(layer):
-    """Why a subclass of a supported class is kept (None if not one)."""
-    if type(layer) in _NORMALIZATIONS:
-        return None
-    base = next(c for c in _NORMALIZATIONS if isinstance(layer, c))
-    return (
-        f"it is a {type(layer).__name__}, a subclass of "
-        f"{base.__name__} whose inference formula may differ"
-    )
-
-
-def _numpy(variable):
-    # `.numpy()`: convert_to_numpy warns about NumPy 2's `copy` on TF.
-    return np.asarray(variable.numpy(), dtype=np.float64)
-
-
-def _assign(variable, value):
-    dtype = keras.backend.standardize_dtype(variable.dtype)
-    variable.assign(np.asarray(value, dtype=dtype))
+    def set_weights(self, old, new):
+        linear, norm = self.folds[id(old)]
+        kernel_name, layout = _LINEAR[type(linear)]
+        for value, variable in zip(linear.get_weights(), new.weights):
+            variable.assign(value)  # e.g. a separable depthwise kernel
+        scale, shift = _affine(norm)
+        kernel = _graph.numpy(getattr(linear, kernel_name))
+        bias = _graph.numpy(linear.bias) if linear.use_bias else 0.0
+        kernel = kernel * _kernel_shape(scale, layout, kernel.shape)
+        _graph.assign(getattr(new, kernel_name), kernel)
+        _graph.assign(new.bias, bias * scale + shift)
 
 
 def _affine(norm):
     """`(scale, shift)` in float64 with `norm(x) = x * scale + shift`."""
-    mean = _numpy(norm.moving_mean)
-    variance = _numpy(norm.moving_variance)
+    mean = _graph.numpy(norm.moving_mean)
+    variance = _graph.numpy(norm.moving_variance)
     scale = 1.0 / np.sqrt(variance + norm.epsilon)
     if norm.scale:
-        scale = scale * _numpy(norm.gamma)
+        scale = scale * _graph.numpy(norm.gamma)
     shift = -mean * scale
     if norm.center:
-        shift = shift + _numpy(norm.beta)
+        shift = shift + _graph.numpy(norm.beta)
     return scale, shift
 
 

@@ -31,12 +31,12 @@ def recompute_statistics(
     """Sets the moving statistics of batch-norm layers to population values.
 
     During training, batch normalization keeps an exponential moving average
-    of the batch statistics. That average mixes statistics computed with
-    many past weights, each from one (possibly tiny) batch, and the inputs
-    of a layer at training time are not those it sees at inference, where
-    the layers before it normalize with their moving statistics. "Precise
-    BN" replaces the average with the exact mean and (biased) variance over
-    `x` of what each layer normalizes, with the weights frozen.
+    of the batch statistics: it mixes statistics computed with many past
+    weights, each from one (possibly tiny) batch, of inputs unlike those of
+    inference, where the layers before normalize with their moving
+    statistics. "Precise BN" replaces the average with the exact mean and
+    (biased) variance over `x` of what each layer normalizes, with the
+    weights frozen.
 
     Every `keras_norms.BatchNormalization`, `BatchRenormalization` and
     `CrossIterationBatchNormalization` and every
@@ -44,16 +44,14 @@ def recompute_statistics(
     `layers`) is re-estimated, `trainable=False` ones included. The model
     runs in inference mode (`model(x, training=False)`), and a layer's
     statistics are taken once every normalization layer upstream of it has
-    its new statistics: they are those of the inputs it sees at inference.
-    Layers that do not depend on each other share a pass over `x`, so a
-    `Sequential` or functional model needs one pass per "wave" of layers
-    (a chain of `k` layers: `k` passes; parallel branches share them). The
-    order inside a model whose call is Python code (a subclassed model or
-    layer) cannot be read from a graph: its layers are processed one per
-    pass, in the order in which a first batch calls them.
+    its new statistics: those of the inputs it sees at inference. Layers
+    that do not depend on each other share a pass over `x`: a `Sequential`
+    or functional model needs one pass per "wave" of layers (a chain of `k`
+    layers: `k` passes; parallel branches share them). Inside a model or
+    layer whose call is Python code, the layers take one pass each, in the
+    order in which a first batch calls them.
 
-    Masks are honoured exactly as the layers' own training statistics
-    honour them (masked positions take no part). For
+    Masks are honoured as in the layers' own training statistics. For
     `CrossIterationBatchNormalization` the statistics are those of the
     wrapped layer's output, as in training. `BatchRenormalization` (and
     Keras's `BatchNormalization(renorm=True)`) also get
@@ -65,9 +63,8 @@ def recompute_statistics(
     Population statistics are not always what a network expects: a
     `BatchRenormalization` layer trained with a handful of values per
     feature and step (e.g. after a `Dense` layer at batch size 2) keeps
-    running standard deviations well below the population's, and trains
-    the layers after it against them; recomputing then changes their
-    inputs' scale and can cost accuracy. Compare held-out accuracy before
+    running standard deviations well below the population's, which the
+    layers after it are trained against. Compare held-out accuracy before
     and after.
 
     Args:
@@ -146,8 +143,7 @@ def recompute_statistics(
     batches = _Batches(x, steps, batch_size)
 
     dependencies, chains = _plan(model, targets)
-    if chains:
-        # Python code decides the order: take it from a first batch.
+    if chains:  # Python code decides the order: take it from a first batch.
         order = _call_order(model, targets, batches)
         for chain in chains:
             for later in chain:
@@ -160,23 +156,27 @@ def recompute_statistics(
     waves = _waves(targets, dependencies)
     batches.keep = len(waves) > 1
 
-    statistics = {id(layer): _Moments() for layer in targets}
+    moments = {id(layer): _Moments() for layer in targets}
+
+    def record(layer, args, kwargs):
+        inputs = args[0] if args else kwargs["inputs"]
+        values, keep = _normalized(layer, inputs, kwargs.get("mask"))
+        moments[id(layer)].add(values, keep)
+
     for number, wave in enumerate(waves, 1):
-        with _recording(wave, statistics):
+        with _intercepted(wave, record):
             _run(model, batches, verbose, number, len(waves))
         for layer in wave:
-            _assign(layer, statistics[id(layer)])
+            moments[id(layer)].assign(layer)
 
-    unused = [
-        layer.name for layer in targets if not statistics[id(layer)].used()
-    ]
+    unused = [layer.name for layer in targets if not moments[id(layer)].used()]
     if unused:
         warnings.warn(
             "recompute_statistics: no unmasked position of `x` reached "
             f"the layers {unused}; they keep their statistics.",
             stacklevel=2,
         )
-    return {layer.name: statistics[id(layer)].positions() for layer in targets}
+    return {layer.name: moments[id(layer)].positions() for layer in targets}
 
 
 # Finding the layers and their order.
@@ -194,44 +194,34 @@ def _normalization_layers(layer):
 def _select(found, layers):
     if layers is None:
         return found
-    if isinstance(layers, (str, keras.layers.Layer)) or not isinstance(
-        layers, (list, tuple)
-    ):
-        raise TypeError(
-            "Argument `layers` must be None or a list of layers or layer "
-            f"names. Received: layers={layers!r}"
-        )
+    error = TypeError(
+        "Argument `layers` must be None or a list of layers or layer "
+        f"names. Received: layers={layers!r}"
+    )
+    if not isinstance(layers, (list, tuple)):
+        raise error
     if not layers:
         raise ValueError(
             "Argument `layers` must name at least one layer (use "
             "layers=None for all of them). Received: layers=[]"
         )
-    by_name = {}
-    for layer in found:
-        by_name.setdefault(layer.name, []).append(layer)
     chosen = set()
     for item in layers:
         if isinstance(item, str):
-            if item not in by_name:
-                raise ValueError(
-                    f"Argument `layers` names {item!r}, which is not a "
-                    "batch-normalization layer of the model; those are "
-                    f"{sorted(by_name)}. Received: layers={layers!r}"
-                )
-            chosen.update(id(layer) for layer in by_name[item])
+            what, matches = repr(item), [x for x in found if x.name == item]
         elif isinstance(item, keras.layers.Layer):
-            if not any(item is layer for layer in found):
-                raise ValueError(
-                    f"Argument `layers` contains the layer {item.name!r}, "
-                    "which is not a batch-normalization layer of the model. "
-                    f"Received: layers={layers!r}"
-                )
-            chosen.add(id(item))
+            what = f"the layer {item.name!r}"
+            matches = [x for x in found if x is item]
         else:
-            raise TypeError(
-                "Argument `layers` must be None or a list of layers or "
-                f"layer names. Received: layers={layers!r}"
+            raise error
+        if not matches:
+            names = sorted({layer.name for layer in found})
+            raise ValueError(
+                f"Argument `layers` names {what}, which is not a "
+                "batch-normalization layer of the model; those are "
+                f"{names}. Received: layers={layers!r}"
             )
+        chosen.update(id(x) for x in matches)
     return [layer for layer in found if id(layer) in chosen]
 
 
@@ -262,19 +252,17 @@ def _plan(model, targets):
         ]
         if not inner:
             return taint
-        if isinstance(operation, keras.Sequential) and _graph.has_graph(
-            operation
-        ):
+        if not _graph.has_graph(operation):
+            for layer in inner:
+                dependencies[id(layer)].update(taint)
+            if len(inner) > 1:
+                chains.append(inner)
+            return taint | {id(layer) for layer in inner}
+        if isinstance(operation, keras.Sequential):
             for layer in operation.layers:
                 taint = visit(layer, taint)
             return taint
-        if _graph.has_graph(operation):
-            return visit_graph(operation, taint)
-        for layer in inner:
-            dependencies[id(layer)].update(taint)
-        if len(inner) > 1:
-            chains.append(inner)
-        return taint | {id(layer) for layer in inner}
+        return visit_graph(operation, taint)
 
     def visit_graph(model, taint):
         # A tensor that the walk has not reached (a model input) depends on
@@ -350,7 +338,18 @@ class _Batches:
                 "should not be passed: the batches are those of `x`. "
                 f"Received: batch_size={batch_size}"
             )
-        _check_cardinality(x, steps, self.adapter)
+        tf = sys.modules.get("tensorflow")
+        if steps is None and (  # `fit()` would read it forever.
+            isinstance(x, keras.utils.PyDataset)
+            and self.adapter.num_batches is None
+            or tf is not None
+            and isinstance(x, tf.data.Dataset)
+            and x.cardinality() == tf.data.INFINITE_CARDINALITY
+        ):
+            raise ValueError(
+                "Argument `x` is an infinite dataset: pass `steps`, the "
+                "number of batches to read. Received: steps=None"
+            )
         sizes = [n for n in (steps, self.adapter.num_batches) if n]
         self.steps, self.size = steps, min(sizes, default=None)
         self.keep, self._cache, self._iterator = True, [], None
@@ -388,34 +387,12 @@ class _Batches:
 def _positive_int(name, value):
     if value is None:
         return None
+    message = f"Argument `{name}` must be None or a positive int. Received: "
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"Argument `{name}` must be None or a positive int. Received: "
-            f"{name}={value!r}"
-        )
+        raise TypeError(f"{message}{name}={value!r}")
     if value < 1:
-        raise ValueError(
-            f"Argument `{name}` must be None or a positive int. Received: "
-            f"{name}={value}"
-        )
+        raise ValueError(f"{message}{name}={value}")
     return int(value)
-
-
-def _check_cardinality(x, steps, adapter):
-    """`fit()` reads an infinite dataset forever: `steps` must end a pass."""
-    tf = sys.modules.get("tensorflow")
-    infinite = (
-        isinstance(x, keras.utils.PyDataset) and adapter.num_batches is None
-    ) or (
-        tf is not None
-        and isinstance(x, tf.data.Dataset)
-        and x.cardinality() == tf.data.INFINITE_CARDINALITY
-    )
-    if steps is None and infinite:
-        raise ValueError(
-            "Argument `x` is an infinite dataset: pass `steps`, the "
-            "number of batches to read. Received: steps=None"
-        )
 
 
 def _check_verbose(verbose):
@@ -456,18 +433,27 @@ def _run(model, batches, verbose, number, passes):
 
 
 @contextlib.contextmanager
-def _patched_call(layers, make_recorder):
-    """Replaces each layer's `call` by `make_recorder(layer, original)`.
+def _intercepted(layers, record):
+    """Calls `record(layer, args, kwargs)` after each call of `layers`.
 
     `Layer.__call__` looks `self.call` up at every call (its signature was
     read in the constructor), so an instance attribute intercepts the
     layer's inputs and mask in any model, on every backend.
     """
+
+    def intercept(layer, call):
+        def recorded(*args, **kwargs):
+            outputs = call(*args, **kwargs)  # first: it validates the mask
+            record(layer, args, kwargs)
+            return outputs
+
+        return recorded
+
     saved = []
     try:
         for layer in layers:
             saved.append((layer, layer.__dict__.get("call")))
-            layer.call = make_recorder(layer, layer.call)
+            layer.call = intercept(layer, layer.call)
         yield
     finally:
         for layer, previous in reversed(saved):
@@ -481,59 +467,30 @@ def _call_order(model, targets, batches):
     """The index of each target's first call on the first batch."""
     order = {}
 
-    def make_recorder(layer, original):
-        def recorder(*args, **kwargs):
-            order.setdefault(id(layer), len(order))
-            return original(*args, **kwargs)
+    def record(layer, args, kwargs):
+        order.setdefault(id(layer), len(order))
 
-        return recorder
-
-    with _patched_call(targets, make_recorder), _inference():
-        for x in batches:
-            model(x, training=False)
-            break
+    with _intercepted(targets, record), _inference():
+        model(next(iter(batches)), training=False)
     return order
 
 
-def _recording(layers, accumulators):
-    def make_recorder(layer, original):
-        def recorder(*args, **kwargs):
-            # The layer's own call first: it validates the mask.
-            outputs = original(*args, **kwargs)
-            inputs = args[0] if args else kwargs["inputs"]
-            values, keep = _normalized(layer, inputs, kwargs.get("mask"))
-            accumulators[id(layer)].add(values, keep)
-            return outputs
-
-        return recorder
-
-    return _patched_call(layers, make_recorder)
-
-
 def _normalized(layer, inputs, mask):
-    """What `layer` takes statistics of in training, and which positions.
-
-    Returns NumPy arrays `(values, keep)`: `values` of shape `(positions,
-    features)` in float64, `keep` None or a boolean array of that shape.
-    """
+    """What `layer` takes statistics of in training, and which positions:
+    NumPy arrays `(values, keep)` of shape `(positions, features)`."""
     inputs = ops.cast(inputs, _stats.compute_dtype_for(inputs))
-    ndim = len(inputs.shape)
     if isinstance(layer, CrossIterationBatchNormalization):
         kernel = ops.cast(layer.layer.kernel, inputs.dtype)
         inputs = _linear.apply(layer.layer, inputs, kernel)
-        feature_axes = (layer._channel_axis,)
-    elif isinstance(layer, BatchNormalization):
-        feature_axes = layer._feature_axes
+        axes = (layer._channel_axis,)
     else:
-        feature_axes = (layer.axis % ndim,)
+        axes = _graph.feature_axes(layer, len(inputs.shape))
     values = np.asarray(ops.convert_to_numpy(inputs), np.float64)
-    keep = None
+    keep = np.ones(values.shape, bool)
     if mask is not None:  # Keras's convention, as every layer reads it
         keep = _stats.broadcast_mask(ops.convert_to_tensor(mask), inputs)
         keep = np.broadcast_to(ops.convert_to_numpy(keep), values.shape)
-    return _per_feature(values, feature_axes), (
-        None if keep is None else _per_feature(keep, feature_axes)
-    )
+    return _per_feature(values, axes), _per_feature(keep, axes)
 
 
 def _per_feature(array, feature_axes):
@@ -549,22 +506,13 @@ class _Moments:
     batches with Chan et al.'s pairwise update (exact, stable)."""
 
     def __init__(self):
-        self.count = self.mean = self.m2 = None
+        self.count = self.mean = self.m2 = 0.0
 
     def add(self, values, keep):
-        if keep is None:
-            count = np.full(values.shape[1], float(values.shape[0]))
-            mean = values.mean(axis=0)
-            m2 = np.square(values - mean).sum(axis=0)
-        else:
-            count = keep.sum(axis=0, dtype=np.float64)
-            # `where`, not a product: masked positions may hold inf or NaN.
-            total = np.where(keep, values, 0.0).sum(axis=0)
-            mean = total / np.maximum(count, 1.0)
-            m2 = np.square(np.where(keep, values - mean, 0.0)).sum(axis=0)
-        if self.count is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
+        count = keep.sum(axis=0, dtype=np.float64)
+        # `where`, not a product: masked positions may hold inf or NaN.
+        mean = np.where(keep, values, 0.0).sum(axis=0) / np.maximum(count, 1.0)
+        m2 = np.square(np.where(keep, values - mean, 0.0)).sum(axis=0)
         merged = self.count + count
         safe = np.maximum(merged, 1.0)
         delta = mean - self.mean
@@ -573,32 +521,18 @@ class _Moments:
         self.count = merged
 
     def used(self):
-        return self.count is not None and bool(np.all(self.count > 0))
+        return bool(np.all(self.count > 0))
 
     def positions(self):
-        return 0 if self.count is None else int(self.count.min())
+        return int(np.min(self.count))
 
-
-def _assign(layer, moments):
-    if moments.count is None:
-        return
-    count = moments.count
-    mean = moments.mean
-    variance = moments.m2 / np.maximum(count, 1.0)
-    values = {"moving_mean": mean, "moving_variance": variance}
-    if all(
-        getattr(layer, name, None) is not None
-        for name in ("moving_stddev", "renorm_mean", "renorm_stddev")
-    ):
-        stddev = np.sqrt(variance + layer.epsilon)
-        values.update(
-            moving_stddev=stddev, renorm_mean=mean, renorm_stddev=stddev
-        )
-    for name, value in values.items():
-        variable = getattr(layer, name)
-        old = np.asarray(ops.convert_to_numpy(variable), np.float64)
-        new = np.where(count > 0, value, old.reshape(-1)).reshape(old.shape)
-        dtype = backend.standardize_dtype(variable.dtype)
-        if dtype != "float64":
-            new = new.astype(np.float32)
-        variable.assign(ops.cast(new, dtype))
+    def assign(self, layer):
+        """Sets the statistics of `layer`; a feature that no position
+        reached keeps its own."""
+        variance = self.m2 / np.maximum(self.count, 1.0)
+        values = _graph.statistics(self.mean, variance, layer.epsilon)
+        for name, value in values.items():
+            variable = getattr(layer, name, None)
+            if variable is not None:
+                old = _graph.numpy(variable).reshape(-1)
+                _graph.assign(variable, np.where(self.count > 0, value, old))
