@@ -1,9 +1,9 @@
-"""Reads and rebuilds the graph of a model, for the model utilities.
+"""What the model utilities share: reading and rebuilding a model's graph
+(`rewrite` for fold_normalization and convert_normalization, `nodes` for
+the passes of recompute_statistics), reading and writing its weights.
 
-`fold_normalization` and `convert_normalization` rebuild a model with some
-layers replaced or skipped (`rewrite`), `recompute_statistics` orders its
-passes by who feeds whom (`nodes`). Keras has no public graph API: the
-private structures that `clone_model` itself reads are used only here.
+Keras has no public graph API: the private structures that `clone_model`
+itself reads are used only here.
 """
 
 import collections
@@ -15,13 +15,14 @@ from keras import layers
 # What `Plan.replace` returns for a layer whose input goes straight on.
 SKIP = object()
 
-# One call of a layer in a model's graph: the layer that made its input
-# (None if unknown), the input's rank (None if unknown), the number of uses
-# of the input (model outputs included), the value of `training`, whether
-# a mask other than the input's own is passed, and whether more tensors
-# than the input and its mask are.
+# One call of a layer: the layer that made its input and the input's rank
+# (None if unknown), the number of uses of the input (model outputs
+# included), `training`, and whether it is passed a mask other than its
+# input's own or more tensors than the input and its mask.
 Call = collections.namedtuple(
-    "Call", "layer source rank uses training other_mask other_inputs"
+    "Call",
+    "layer source rank uses training other_mask other_inputs",
+    defaults=(1, None, False, False),
 )
 
 
@@ -46,13 +47,10 @@ def nodes(model):
     ]
 
 
-def inner_layers(layer, types):
-    """The layers of `types` inside `layer` (not itself), depth first."""
-    return [
-        sub
-        for sub in layer._flatten_layers(include_self=False)
-        if isinstance(sub, types)
-    ]
+def inner_layers(layer, types, include_self=False):
+    """The layers of `types` inside `layer`, depth first."""
+    inner = layer._flatten_layers(include_self=include_self)
+    return [sub for sub in inner if isinstance(sub, types)]
 
 
 def describe(layer):
@@ -72,8 +70,7 @@ def assign(variable, value):
 
 
 def statistics(mean, variance, epsilon):
-    """The moving statistics of a batch normalization with this `mean` and
-    `variance`, renormalization's (from the same values) included."""
+    """Moving statistics from `mean` and `variance`, renormalization's too."""
     stddev = np.sqrt(variance + epsilon)
     return {
         "moving_mean": mean,
@@ -89,46 +86,47 @@ def feature_axes(norm, rank):
     return tuple(sorted(a % rank for a in axes))
 
 
-class Graph:
-    """The calls of the layers of a `Sequential` or functional model."""
+class Plan:
+    """The `calls` of one model's layers and what they become: a utility's
+    subclass names its `targets` and `utility`, fills `report`, returns from
+    `replace(layer)` a new layer, `SKIP` or None (a copy), and sets the new
+    layers' weights in `set_weights(old, new)` once the model is built."""
 
-    def __init__(self, model, utility, targets):
+    def __init__(self, model, prefix):
         if not isinstance(model, keras.Model):
             raise ValueError(
                 "Argument `model` must be a keras.Model (Sequential or "
                 f"functional). Received: model={model!r}"
             )
         if not has_graph(model):
-            names = [layer.name for layer in inner_layers(model, targets)]
+            names = [x.name for x in inner_layers(model, self.targets)]
             raise ValueError(
                 "Argument `model` must be a Sequential or functional model: "
-                f"{utility} cannot reach the layers {names} of a subclassed "
-                "model, which has no graph of layer calls to rewrite. "
-                "Rebuild it as a functional model. Received: model of type "
-                f"{type(model).__name__}"
+                f"{self.utility} cannot reach the layers {names} of a "
+                "subclassed model, which has no graph of layer calls to "
+                "rewrite. Rebuild it as a functional model. Received: model "
+                f"of type {type(model).__name__}"
             )
         if not model.built:
             raise ValueError(
                 "Argument `model` must be built (give it an `Input` or call "
                 f"it once). Received: unbuilt model '{model.name}'"
             )
-        self.model = model
+        self.model, self.prefix, self.report = model, prefix, {}
         self.sequential = isinstance(model, keras.Sequential)
         if self.sequential:
-            self.calls, source = [], None
-            for layer in model.layers:
-                rank = getattr(getattr(layer, "input_spec", None), "ndim", None)
-                self.calls.append(
-                    Call(layer, source, rank, 1, None, False, False)
-                )
-                source = layer
+            sources = [None] + model.layers[:-1]
+            self.calls = [
+                Call(layer, source, getattr(layer.input_spec, "ndim", None))
+                for layer, source in zip(model.layers, sources)
+            ]
         else:
             self.calls = list(_functional_calls(model))
         self.counts = collections.Counter(id(c.layer) for c in self.calls)
 
     def pair_reason(self, call, linear_types):
-        """Why the layer of `call` cannot be merged with the layer before it,
-        one of `linear_types` (None if it can)."""
+        """Why `call`'s layer cannot merge into one of `linear_types` before
+        it (None if it can)."""
         layer, linear = call.layer, call.source
         if self.counts[id(layer)] > 1:
             return f"it is shared (called {self.counts[id(layer)]} times)"
@@ -180,12 +178,15 @@ class Graph:
             )
         return None
 
+    def kept(self, name, layer, reason):
+        """Reports a target `layer` that stays as it is."""
+        self.report[name] = reason
+
 
 def _functional_calls(model):
     found = nodes(model)
-    uses = collections.Counter(id(x) for x in model.outputs)
-    for node in found:
-        uses.update(id(x) for x in node.input_tensors)
+    inputs = [x for node in found for x in node.input_tensors]
+    uses = collections.Counter(id(x) for x in inputs + model.outputs)
     for node in found:
         args, kwargs = node.arguments.args, node.arguments.kwargs
         x = args[0] if args else None
@@ -216,34 +217,11 @@ def call_reason(call):
     return None
 
 
-class Plan:
-    """What the layers of one model become, subclassed by each utility.
-
-    A subclass names the layer `targets` it works on and its `utility` for
-    messages, fills `report` (layer name, with the nested models' names as a
-    prefix -> what happened), returns from `replace(layer)` a new layer,
-    `SKIP`, or None for a copy, and gives each new layer its weights in
-    `set_weights(old, new)` once the new model is built.
-    """
-
-    def __init__(self, graph, prefix):
-        self.prefix = prefix
-        self.report = {}
-
-    def kept(self, name, layer, reason):
-        """Reports a target `layer` that stays as it is."""
-        self.report[name] = reason
-
-
 def rewrite(model, make_plan, prefix="", **options):
-    """A new model where `make_plan(graph, prefix, **options)` says what
-    each layer becomes, nested Sequential and functional models included.
-
-    The new model keeps the names, `trainable` and compile configuration of
-    `model`. Returns `(new_model, report)`, the plans' reports merged.
-    """
-    graph = Graph(model, make_plan.utility, make_plan.targets)
-    plan = make_plan(graph, prefix, **options)
+    """`(new_model, report)`: `model` rebuilt as `make_plan(model, prefix,
+    **options)` says, nested models included, with its names, `trainable`
+    and compile configuration; the plans' reports merged."""
+    plan = make_plan(model, prefix, **options)
     report, clones, copies, made = plan.report, {}, [], {}
 
     def clone(layer):
@@ -279,7 +257,7 @@ def rewrite(model, make_plan, prefix="", **options):
             kwargs.pop("mask", None)  # e.g. a Dense that replaces a CBN
         return layer(*args, **kwargs)
 
-    if graph.sequential:  # once built, it starts with an InputLayer
+    if plan.sequential:  # once built, it starts with an InputLayer
         new_layers = [_copy(model._layers[0])]
         new_layers += [clone(layer) for layer in model.layers]
         rebuilt = keras.Sequential(

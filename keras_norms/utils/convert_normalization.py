@@ -34,12 +34,12 @@ def convert_normalization(model, to, return_report=False, **layer_kwargs):
 
     Every `keras.layers.BatchNormalization`, `keras_norms.BatchNormalization`
     and `keras_norms.BatchRenormalization` of a `Sequential` or functional
-    model, nested models included (e.g. a `keras.applications` backbone
-    inside a model), becomes a `to` layer with the same name, arguments,
-    `trainable` flag and weights: γ, β and the moving statistics. The new
-    model's inference outputs equal the original's, and it trains, saves
-    to `.keras` and loads wherever `keras_norms` is imported. `model`
-    itself is not modified; other layers are copied with their weights.
+    model, nested models included (e.g. a `keras.applications` backbone),
+    becomes a `to` layer with the same name, arguments, `trainable` flag and
+    weights (γ, β, moving statistics): the new model's inference outputs
+    equal the original's, and it trains, saves to `.keras` and loads
+    wherever `keras_norms` is imported. Other layers are copied with their
+    weights; `model` is not modified.
 
     - `to=keras_norms.BatchRenormalization`: the renormalization statistics
       start from the moving ones (`moving_stddev = sqrt(moving_variance +
@@ -49,22 +49,19 @@ def convert_normalization(model, to, return_report=False, **layer_kwargs):
       normalization fed only by a bias-free `Dense` or `Conv1D/2D/3D` (no
       activation, called once, its output used by nothing else, its
       channel axis the normalized one) becomes a CBN that wraps a copy of
-      that layer, kernel included. One that CBN cannot wrap (after a
-      depthwise convolution, an addition, a layer with a bias or used
-      twice, ...) becomes a `keras_norms.BatchNormalization`.
+      that layer. One that CBN cannot wrap (after a depthwise convolution,
+      an addition, a layer with a bias or used twice, ...) becomes a
+      `keras_norms.BatchNormalization`.
     - A subclass of the converted classes (its `call` may differ) and a
-      layer inside a subclassed model (which has no graph to rebuild) are
-      kept.
+      layer inside a subclassed model (no graph to rebuild) are kept.
 
-    A `UserWarning` says how many layers did not become `to`; the report
-    names each layer, what it became and why.
+    A `UserWarning` says how many layers did not become `to`.
 
     Args:
         model: A built `keras.Sequential` or functional `keras.Model`.
             A subclassed model is refused with the layers it cannot reach.
-        to: `keras_norms.BatchNormalization`,
-            `keras_norms.BatchRenormalization` or
-            `keras_norms.CrossIterationBatchNormalization`.
+        to: `keras_norms.BatchNormalization`, `BatchRenormalization` or
+            `CrossIterationBatchNormalization`.
         return_report: If `True`, also return the report. Defaults to
             `False`.
         **layer_kwargs: Arguments of `to` given to every new layer, over
@@ -112,14 +109,11 @@ def convert_normalization(model, to, return_report=False, **layer_kwargs):
             f"convert_normalization: {len(others)} of {len(report)} layers "
             f"did not become {to.__name__}: {others}. "
             "`return_report=True` says why.",
-            UserWarning,
             stacklevel=2,
         )
-    for entry in report.values():
+    for entry in report.values():  # classes that share a name differ above
         entry["to"] = entry["to"].__name__
-    if return_report:
-        return new, report
-    return new
+    return (new, report) if return_report else new
 
 
 class _Conversion(_graph.Plan):
@@ -128,12 +122,12 @@ class _Conversion(_graph.Plan):
     targets = _SOURCES
     utility = "convert_normalization"
 
-    def __init__(self, graph, prefix, to, layer_kwargs):
-        super().__init__(graph, prefix)
+    def __init__(self, model, prefix, to, layer_kwargs):
+        super().__init__(model, prefix)
         self.layer_kwargs = layer_kwargs
         self.new = {}  # id(normalization) -> (its new class, linear or None)
         self.wrapped = set()  # id(linear layer that a new CBN wraps)
-        for call in graph.calls:
+        for call in self.calls:
             norm, linear = call.layer, call.source
             if type(norm) not in _SOURCES:
                 if isinstance(norm, _SOURCES):
@@ -146,7 +140,7 @@ class _Conversion(_graph.Plan):
                 continue
             if to is not CrossIterationBatchNormalization:
                 self._plan(norm, to, "converted")
-            elif reason := _wrap_reason(call, graph):
+            elif reason := self._wrap_reason(call):
                 reason = f"CBN cannot wrap it: {reason}"
                 self._plan(norm, BatchNormalization, reason)
             else:
@@ -196,6 +190,18 @@ class _Conversion(_graph.Plan):
             if getattr(new, name, None) is not None:
                 _graph.assign(getattr(new, name), value)
 
+    def _wrap_reason(self, call):
+        """Why CBN cannot wrap the layer before a batch normalization."""
+        if reason := self.pair_reason(call, _linear.SUPPORTED):
+            return reason
+        if call.source.use_bias:
+            return f"the {_graph.describe(call.source)} before it has a bias"
+        try:
+            _linear.check_supported(call.source)
+        except ValueError as error:
+            return str(error)
+        return None
+
 
 def _example(to, layer_kwargs):
     """A `to` layer made with `layer_kwargs`: raises their errors."""
@@ -205,8 +211,7 @@ def _example(to, layer_kwargs):
 
 
 def _config_for(to, config, layer_kwargs):
-    """The constructor arguments of a `to` layer replacing a normalization
-    with `config`; `layer_kwargs` override them, where `to` takes them."""
+    """`to`'s arguments from a converted layer's `config` and `layer_kwargs`."""
     accepted = _accepted(to)
     config = {k: v for k, v in config.items() if k in accepted}
     if config.get("renorm"):  # Keras's clipping, as rmax, rmin and dmax
@@ -224,17 +229,3 @@ def _accepted(to):
     if to is BatchRenormalization:  # Keras's, which from_config maps
         accepted.update(("renorm", "renorm_clipping", "renorm_momentum"))
     return accepted
-
-
-def _wrap_reason(call, graph):
-    """Why CBN cannot wrap the layer before a batch normalization."""
-    reason = graph.pair_reason(call, _linear.SUPPORTED)
-    if reason is not None:
-        return reason
-    if call.source.use_bias:
-        return f"the {_graph.describe(call.source)} before it has a bias"
-    try:
-        _linear.check_supported(call.source)
-    except ValueError as error:
-        return str(error)
-    return None

@@ -50,36 +50,30 @@ def fold_normalization(model, return_report=False):
     convolution layer (`Conv1D/2D/3D`, their `Transpose` variants,
     `DepthwiseConv1D/2D`, `SeparableConv1D/2D`), and every
     `keras_norms.CrossIterationBatchNormalization` (with the layer it wraps),
-    is merged into that layer's kernel and bias using the inference formula
-    they share, `gamma * (inputs - moving_mean) / sqrt(moving_variance +
-    epsilon) + beta`. The folded layer keeps its name and gets
-    `use_bias=True`; its weights are computed in float64 and cast to each
-    variable's dtype. The new model predicts as `model` does in inference
-    mode (`training=False`), up to float32 rounding, with fewer layers and
-    operations. `model` itself is not modified.
+    is merged into that layer's kernel and bias (computed in float64) by
+    its inference formula, `gamma * (inputs - moving_mean) /
+    sqrt(moving_variance + epsilon) + beta`. The folded layer keeps its name
+    and gets `use_bias=True`. The new model predicts as `model` does with
+    `training=False`, up to float32 rounding; `model` is not modified.
 
-    A normalization layer is kept (copied with its weights, and so is the
-    layer before it) when folding would change the predictions or is not
-    supported:
+    A normalization layer is kept, as is the layer before it, when folding
+    would change the predictions or is not supported:
 
     - its input does not come directly from a supported linear layer (e.g.
       it is the first layer, or follows a pooling or a nested model);
-    - the linear layer has an activation (`Dense(activation="relu")`), LoRA
-      or quantization;
-    - the linear layer's output is also used elsewhere (another layer, a
-      model output), or the linear or the normalization layer is called
-      more than once in the model;
+    - the linear layer has an activation, LoRA or quantization, or its
+      output is also used elsewhere (another layer, a model output);
+    - either layer is called more than once in the model;
     - its feature axis is not the linear layer's channel axis (e.g.
       `axis=1` after a channels-last convolution);
-    - it is called with `training=True` or with an explicit `mask` (the
-      mask would not reach the next layers after folding);
+    - it is called with `training=True` or an explicit `mask` (which would
+      not reach the next layers after folding);
     - it is a subclass of a supported class (its `call` may differ).
 
-    A `UserWarning` names each kept layer and the reason. A shared CBN is
-    folded into one shared linear layer. Nested `Sequential` and functional
-    models are folded too, never across a model boundary. A model without
-    normalization layers is copied without a warning. A compiled `model`
-    gives a copy compiled the same way.
+    A `UserWarning` names each kept layer and the reason. A shared CBN
+    becomes one shared linear layer. Nested `Sequential` and functional
+    models are folded too, never across a model boundary. A compiled
+    `model` gives a copy compiled the same way.
 
     Args:
         model: A built `keras.Sequential` or functional `keras.Model`.
@@ -107,10 +101,8 @@ def fold_normalization(model, return_report=False):
     ...     keras.layers.Dense(1),
     ... ])
     >>> folded, report = fold_normalization(model, return_report=True)
-    >>> [type(layer).__name__ for layer in folded.layers]
-    ['Dense', 'ReLU', 'Dense']
-    >>> report
-    {}
+    >>> [type(layer).__name__ for layer in folded.layers], report
+    (['Dense', 'ReLU', 'Dense'], {})
     >>> x = np.random.normal(size=(16, 4)).astype("float32")
     >>> y = model.predict(x, verbose=0)
     >>> bool(np.allclose(folded.predict(x, verbose=0), y, atol=1e-5))
@@ -120,12 +112,9 @@ def fold_normalization(model, return_report=False):
     for name, reason in report.items():
         warnings.warn(
             f"fold_normalization kept layer '{name}': {reason}.",
-            UserWarning,
             stacklevel=2,
         )
-    if return_report:
-        return folded, report
-    return folded
+    return (folded, report) if return_report else folded
 
 
 class _Folding(_graph.Plan):
@@ -134,12 +123,12 @@ class _Folding(_graph.Plan):
     targets = _NORMALIZATIONS
     utility = "fold_normalization"
 
-    def __init__(self, graph, prefix):
-        super().__init__(graph, prefix)
+    def __init__(self, model, prefix):
+        super().__init__(model, prefix)
         self.folds = {}  # id(linear or CBN) -> (linear, normalization)
         self.removed = set()  # id(normalization folded into the previous)
-        self.names = {layer.name for layer in graph.model.layers}
-        for call in graph.calls:
+        self.names = {layer.name for layer in model.layers}
+        for call in self.calls:
             norm = call.layer
             if not isinstance(norm, _NORMALIZATIONS):
                 continue
@@ -158,7 +147,7 @@ class _Folding(_graph.Plan):
             elif cbn:
                 reason = _graph.call_reason(call)
             else:
-                reason = graph.pair_reason(call, _LINEAR)
+                reason = self.pair_reason(call, _LINEAR)
             if reason is not None:
                 self.report[prefix + norm.name] = reason
             elif cbn:
@@ -190,32 +179,18 @@ class _Folding(_graph.Plan):
         kernel_name, layout = _LINEAR[type(linear)]
         for value, variable in zip(linear.get_weights(), new.weights):
             variable.assign(value)  # e.g. a separable depthwise kernel
-        scale, shift = _affine(norm)
+        # `norm(x) = x * scale + shift`, in float64.
+        variance = _graph.numpy(norm.moving_variance)
+        scale = 1.0 / np.sqrt(variance + norm.epsilon)
+        if norm.scale:
+            scale = scale * _graph.numpy(norm.gamma)
+        shift = -_graph.numpy(norm.moving_mean) * scale
+        if norm.center:
+            shift = shift + _graph.numpy(norm.beta)
         kernel = _graph.numpy(getattr(linear, kernel_name))
+        # `scale` along the output channels in the kernel's last two axes.
+        last = {"last": (1, -1), "transpose": (-1, 1)}.get(layout)
+        shape = (1,) * (kernel.ndim - 2) + (last or kernel.shape[-2:])
+        _graph.assign(getattr(new, kernel_name), kernel * scale.reshape(shape))
         bias = _graph.numpy(linear.bias) if linear.use_bias else 0.0
-        kernel = kernel * _kernel_shape(scale, layout, kernel.shape)
-        _graph.assign(getattr(new, kernel_name), kernel)
         _graph.assign(new.bias, bias * scale + shift)
-
-
-def _affine(norm):
-    """`(scale, shift)` in float64 with `norm(x) = x * scale + shift`."""
-    mean = _graph.numpy(norm.moving_mean)
-    variance = _graph.numpy(norm.moving_variance)
-    scale = 1.0 / np.sqrt(variance + norm.epsilon)
-    if norm.scale:
-        scale = scale * _graph.numpy(norm.gamma)
-    shift = -mean * scale
-    if norm.center:
-        shift = shift + _graph.numpy(norm.beta)
-    return scale, shift
-
-
-def _kernel_shape(scale, layout, shape):
-    """`scale` reshaped to multiply a kernel's output channels."""
-    ones = (1,) * (len(shape) - 2)
-    if layout == "last":
-        return scale.reshape(ones + (1, -1))
-    if layout == "transpose":
-        return scale.reshape(ones + (-1, 1))
-    return scale.reshape(ones + tuple(shape[-2:]))  # depthwise

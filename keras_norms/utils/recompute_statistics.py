@@ -30,59 +30,50 @@ def recompute_statistics(
 ):
     """Sets the moving statistics of batch-norm layers to population values.
 
-    During training, batch normalization keeps an exponential moving average
-    of the batch statistics: it mixes statistics computed with many past
-    weights, each from one (possibly tiny) batch, of inputs unlike those of
-    inference, where the layers before normalize with their moving
-    statistics. "Precise BN" replaces the average with the exact mean and
-    (biased) variance over `x` of what each layer normalizes, with the
-    weights frozen.
+    The moving averages of training mix the statistics of many past
+    weights, each from one (possibly tiny) batch of training-mode inputs.
+    "Precise BN" replaces them with the exact mean and (biased) variance
+    over `x` of what each layer normalizes at inference, weights frozen.
 
     Every `keras_norms.BatchNormalization`, `BatchRenormalization` and
     `CrossIterationBatchNormalization` and every
     `keras.layers.BatchNormalization` in `model` (or only those in
-    `layers`) is re-estimated, `trainable=False` ones included. The model
-    runs in inference mode (`model(x, training=False)`), and a layer's
-    statistics are taken once every normalization layer upstream of it has
-    its new statistics: those of the inputs it sees at inference. Layers
-    that do not depend on each other share a pass over `x`: a `Sequential`
-    or functional model needs one pass per "wave" of layers (a chain of `k`
-    layers: `k` passes; parallel branches share them). Inside a model or
-    layer whose call is Python code, the layers take one pass each, in the
-    order in which a first batch calls them.
+    `layers`), `trainable=False` ones included, is re-estimated from
+    `model(x, training=False)` once every normalization layer upstream of
+    it has its new statistics. Layers that do not depend on each other
+    share a pass over `x` (a chain of `k` layers takes `k` passes, parallel
+    branches share them); inside a model or layer whose call is Python
+    code, layers take one pass each, in the order a first batch calls them.
 
-    Masks are honoured as in the layers' own training statistics. For
-    `CrossIterationBatchNormalization` the statistics are those of the
-    wrapped layer's output, as in training. `BatchRenormalization` (and
-    Keras's `BatchNormalization(renorm=True)`) also get
-    `moving_stddev = sqrt(moving_variance + epsilon)`, and their running
-    statistics for `r` and `d` are set to the same population mean and
-    standard deviation, so that further training starts from them. Nothing
-    else changes: no trainable weight, step counter or CBN buffer.
+    Masks are honoured as in training. A `CrossIterationBatchNormalization`
+    gets the statistics of its wrapped layer's output.
+    `BatchRenormalization` (and Keras's `BatchNormalization(renorm=True)`)
+    also get `moving_stddev = sqrt(moving_variance + epsilon)`, and their
+    running statistics for `r` and `d` the same population mean and
+    standard deviation. Nothing else changes: no trainable weight, step
+    counter or CBN buffer.
 
     Population statistics are not always what a network expects: a
-    `BatchRenormalization` layer trained with a handful of values per
-    feature and step (e.g. after a `Dense` layer at batch size 2) keeps
-    running standard deviations well below the population's, which the
-    layers after it are trained against. Compare held-out accuracy before
-    and after.
+    `BatchRenormalization` trained on a few values per feature and step
+    (e.g. after a `Dense` layer at batch size 2) keeps running standard
+    deviations well below them, which the next layers learned to expect.
+    Compare held-out accuracy before and after.
 
     Args:
         model: A `keras.Model` (or layer), built or not.
-        x: The inputs to average over, as `fit()` takes them: an array
-            (NumPy or a backend tensor), a list, tuple or dict of arrays
-            for a multi-input model (a tuple is inputs, not `(x, y)`), read
-            in batches of `batch_size`; or a
-            `tf.data.Dataset`, `keras.utils.PyDataset`, torch `DataLoader`
-            or Python generator of batches `x`, `(x,)`, `(x, y)` or `(x, y,
-            sample_weight)` (only `x` is used). Keras's data adapters read
-            it, and raise `fit()`'s errors for what they cannot take. A
-            generator can be read only once: its batches are kept in memory
-            when the model needs several passes.
+        x: The inputs, as `fit()` takes them (Keras's data adapters read
+            them, with `fit()`'s errors): an array (NumPy or a backend
+            tensor) or a list, tuple or dict of arrays for a multi-input
+            model (a tuple is inputs, not `(x, y)`), in batches of
+            `batch_size`; or a `tf.data.Dataset`, `keras.utils.PyDataset`,
+            torch `DataLoader` or Python generator of batches `x`, `(x,)`,
+            `(x, y)` or `(x, y, sample_weight)` (only `x` is used). A
+            generator's batches are kept in memory when the model needs
+            several passes.
         steps: Number of batches read per pass, or `None` to read `x` until
-            it is exhausted. Needed for an infinite dataset. With arrays and
-            no `batch_size`, the batch size is then chosen so that `steps`
-            batches hold them all, as in `fit()`. Defaults to `None`.
+            it is exhausted (an infinite dataset needs it). Arrays without
+            `batch_size` then come in `steps` batches, as in `fit()`.
+            Defaults to `None`.
         batch_size: Batch size for arrays; the statistics do not depend on
             it. A dataset, `PyDataset` or generator makes its own batches:
             passing `batch_size` with one raises a `ValueError` (`fit()`
@@ -90,10 +81,9 @@ def recompute_statistics(
         layers: Optional list of normalization layers of `model`, or of
             their names, to recompute; the others keep their statistics.
             Defaults to `None` (all of them).
-        verbose: `"auto"`, 0, 1 or 2, as in `predict()`: 0 is silent, 1 shows
-            a progress bar over the batches of each pass (after a line "Pass
-            2/3" when there are several), 2 one line per pass. `"auto"` is
-            1. Defaults to `"auto"`.
+        verbose: `"auto"` (1), 0, 1 or 2, as in `predict()`: 0 is silent, 1
+            shows a progress bar per pass (after a line "Pass 2/3" when
+            there are several), 2 one line per pass. Defaults to `"auto"`.
 
     Returns:
         A dict from layer name to the number of positions (per feature,
@@ -129,7 +119,7 @@ def recompute_statistics(
             "Argument `model` must be a Keras model or layer. "
             f"Received: model={model!r}"
         )
-    found = _normalization_layers(model)
+    found = _graph.inner_layers(model, _NORMALIZATION_LAYERS, include_self=True)
     if not found:
         raise ValueError(
             "Argument `model` contains no batch-normalization layer "
@@ -147,12 +137,9 @@ def recompute_statistics(
         order = _call_order(model, targets, batches)
         for chain in chains:
             for later in chain:
-                dependencies[id(later)].update(
-                    id(earlier)
-                    for earlier in chain
-                    if order.get(id(earlier), math.inf)
-                    < order.get(id(later), math.inf)
-                )
+                first = order[id(later)]
+                earlier = [layer for layer in chain if order[id(layer)] < first]
+                dependencies[id(later)].update(map(id, earlier))
     waves = _waves(targets, dependencies)
     batches.keep = len(waves) > 1
 
@@ -160,35 +147,33 @@ def recompute_statistics(
 
     def record(layer, args, kwargs):
         inputs = args[0] if args else kwargs["inputs"]
-        values, keep = _normalized(layer, inputs, kwargs.get("mask"))
-        moments[id(layer)].add(values, keep)
+        moments[id(layer)].add(*_normalized(layer, inputs, kwargs.get("mask")))
 
     for number, wave in enumerate(waves, 1):
-        with _intercepted(wave, record):
-            _run(model, batches, verbose, number, len(waves))
+        if verbose and len(waves) > 1:
+            print(f"Pass {number}/{len(waves)}")
+        progbar = keras.utils.Progbar(batches.size, verbose=verbose)
+        step = 0
+        # One pass over `x`, with the progress bar of `predict()`.
+        with _intercepted(wave, record), _inference():
+            for step, batch in enumerate(batches, 1):
+                model(batch, training=False)
+                progbar.update(step, finalize=False)
+        progbar.update(step, finalize=True)
         for layer in wave:
             moments[id(layer)].assign(layer)
 
-    unused = [layer.name for layer in targets if not moments[id(layer)].used()]
+    counts = [
+        (layer.name, int(np.min(moments[id(layer)].count))) for layer in targets
+    ]
+    unused = [name for name, positions in counts if not positions]
     if unused:
         warnings.warn(
             "recompute_statistics: no unmasked position of `x` reached "
             f"the layers {unused}; they keep their statistics.",
             stacklevel=2,
         )
-    return {layer.name: moments[id(layer)].positions() for layer in targets}
-
-
-# Finding the layers and their order.
-
-
-def _normalization_layers(layer):
-    """The normalization layers in `layer` (itself included), depth first."""
-    if isinstance(layer, _NORMALIZATION_LAYERS):
-        return [layer]
-    if not isinstance(layer, keras.layers.Layer):  # e.g. a keras.ops call
-        return []
-    return _graph.inner_layers(layer, _NORMALIZATION_LAYERS)
+    return dict(counts)
 
 
 def _select(found, layers):
@@ -226,17 +211,10 @@ def _select(found, layers):
 
 
 def _plan(model, targets):
-    """Which targets each target's inputs depend on.
-
-    Walks the model with "taints" (the sets of targets a tensor depends on)
-    in place of tensors: the layer order of a `Sequential`, the graph of a
-    functional model. Other layers that contain targets are opaque: their
-    targets depend on everything the layer's inputs depend on, and on each
-    other in call order (returned as `chains`).
-
-    Returns `(dependencies, chains)`: `dependencies` maps `id(target)` to a
-    set of target ids, `chains` is a list of lists of targets.
-    """
+    """`(dependencies, chains)`: the ids of the targets that each target's
+    inputs depend on ("taints" passed through the graphs in place of
+    tensors), and the targets inside each layer whose call is Python code,
+    which also depend on each other in call order."""
     target_ids = {id(layer) for layer in targets}
     dependencies = {id(layer): set() for layer in targets}
     chains = []
@@ -245,11 +223,10 @@ def _plan(model, targets):
         if id(operation) in target_ids:
             dependencies[id(operation)].update(taint)
             return taint | {id(operation)}
-        inner = [
-            layer
-            for layer in _normalization_layers(operation)
-            if id(layer) in target_ids and layer is not operation
-        ]
+        if not isinstance(operation, keras.layers.Layer):  # a keras.ops call
+            return taint
+        inner = _graph.inner_layers(operation, _NORMALIZATION_LAYERS)
+        inner = [layer for layer in inner if id(layer) in target_ids]
         if not inner:
             return taint
         if not _graph.has_graph(operation):
@@ -269,53 +246,36 @@ def _plan(model, targets):
         # what the model's inputs depend on: `taint`.
         taints = {}
         for node in _graph.nodes(model):
-            upstream = set(taint)
-            for tensor in node.input_tensors:
-                upstream |= taints.get(id(tensor), taint)
-            out = visit(node.operation, frozenset(upstream))
-            for tensor in node.outputs:
-                taints[id(tensor)] = out
-        result = set(taint)
-        for tensor in model.outputs:
-            result |= taints.get(id(tensor), taint)
-        return frozenset(result)
+            inputs = (taints.get(id(x), taint) for x in node.input_tensors)
+            out = visit(node.operation, taint.union(*inputs))
+            taints.update((id(x), out) for x in node.outputs)
+        return taint.union(*(taints.get(id(x), taint) for x in model.outputs))
 
     visit(model, frozenset())
     return dependencies, chains
 
 
 def _waves(targets, dependencies):
-    """Groups the targets into passes: a layer joins the first pass after
-    every target it depends on is done."""
-    done, waves = set(), []
-    remaining = list(targets)
+    """Groups the targets into passes, each after all it depends on."""
+    done, waves, remaining = set(), [], list(targets)
     while remaining:
+        # A cycle through layers shared between call sites has no exact
+        # order: its layers take one pass each.
         wave = [
             layer
             for layer in remaining
             if dependencies[id(layer)] - {id(layer)} <= done
-        ]
-        if not wave:
-            # A cycle through layers shared between call sites: there is no
-            # exact order; take them one at a time.
-            wave = remaining[:1]
+        ] or remaining[:1]
         done.update(id(layer) for layer in wave)
         remaining = [layer for layer in remaining if id(layer) not in done]
         waves.append(wave)
     return waves
 
 
-# Reading the data.
-
-
 class _Batches:
-    """The inputs `x` of the batches of `x`, `steps` per pass, read by
-    Keras's data adapter for `x` as `fit()` reads them.
-
-    A generator is read only once; while `keep` is set, its batches are
-    kept for the next passes. `size` is the number of batches per pass, once
-    known (the target of the progress bar).
-    """
+    """The inputs of the batches of `x`, `steps` per pass, read as `fit()`
+    reads them. A generator is read once: its batches are kept for the next
+    passes while `keep` is set. `size`: the batches per pass, once known."""
 
     def __init__(self, x, steps, batch_size):
         steps = _positive_int("steps", steps)
@@ -353,7 +313,7 @@ class _Batches:
         sizes = [n for n in (steps, self.adapter.num_batches) if n]
         self.steps, self.size = steps, min(sizes, default=None)
         self.keep, self._cache, self._iterator = True, [], None
-        if isinstance(x, types.GeneratorType):
+        if isinstance(x, types.GeneratorType):  # it can be read only once
             self._iterator = self.adapter.get_numpy_iterator()
 
     def __iter__(self):
@@ -415,31 +375,10 @@ def _inference():
     return contextlib.nullcontext()
 
 
-def _run(model, batches, verbose, number, passes):
-    """One pass over the batches, a progress bar as `predict()` shows."""
-    if verbose and passes > 1:
-        print(f"Pass {number}/{passes}")
-    progbar = keras.utils.Progbar(batches.size, verbose=verbose)
-    step = 0
-    with _inference():
-        for x in batches:
-            model(x, training=False)
-            step += 1
-            progbar.update(step, finalize=False)
-    progbar.update(step, finalize=True)
-
-
-# Capturing what the layers normalize.
-
-
 @contextlib.contextmanager
 def _intercepted(layers, record):
-    """Calls `record(layer, args, kwargs)` after each call of `layers`.
-
-    `Layer.__call__` looks `self.call` up at every call (its signature was
-    read in the constructor), so an instance attribute intercepts the
-    layer's inputs and mask in any model, on every backend.
-    """
+    """Calls `record(layer, args, kwargs)` after each call of `layers`, via
+    an instance attribute `call`: `Layer.__call__` looks it up every time."""
 
     def intercept(layer, call):
         def recorded(*args, **kwargs):
@@ -464,7 +403,7 @@ def _intercepted(layers, record):
 
 
 def _call_order(model, targets, batches):
-    """The index of each target's first call on the first batch."""
+    """The index of each target's first call on the first batch (or inf)."""
     order = {}
 
     def record(layer, args, kwargs):
@@ -472,7 +411,7 @@ def _call_order(model, targets, batches):
 
     with _intercepted(targets, record), _inference():
         model(next(iter(batches)), training=False)
-    return order
+    return {id(x): order.get(id(x), math.inf) for x in targets}
 
 
 def _normalized(layer, inputs, mask):
@@ -493,12 +432,10 @@ def _normalized(layer, inputs, mask):
     return _per_feature(values, axes), _per_feature(keep, axes)
 
 
-def _per_feature(array, feature_axes):
-    """Moves the feature axes last, flattens to `(positions, features)`."""
-    k = len(feature_axes)
-    array = np.moveaxis(array, feature_axes, range(array.ndim - k, array.ndim))
-    features = math.prod(array.shape[array.ndim - k :])
-    return array.reshape(-1, features)
+def _per_feature(array, axes):
+    """Moves the feature `axes` last, flattens to `(positions, features)`."""
+    array = np.moveaxis(array, axes, range(-len(axes), 0))
+    return array.reshape(-1, math.prod(array.shape[-len(axes) :]))
 
 
 class _Moments:
@@ -520,15 +457,8 @@ class _Moments:
         self.m2 = self.m2 + m2 + np.square(delta) * (self.count * count / safe)
         self.count = merged
 
-    def used(self):
-        return bool(np.all(self.count > 0))
-
-    def positions(self):
-        return int(np.min(self.count))
-
     def assign(self, layer):
-        """Sets the statistics of `layer`; a feature that no position
-        reached keeps its own."""
+        """Sets the statistics of `layer` where positions reached them."""
         variance = self.m2 / np.maximum(self.count, 1.0)
         values = _graph.statistics(self.mean, variance, layer.epsilon)
         for name, value in values.items():
