@@ -149,3 +149,31 @@ def test_digits_inference_example_recomputes_folds_and_exports():
         assert int(n_out) == int(n_in) - removed, result.stdout
         assert int(kept) == 0, result.stdout
     assert ".keras 0.0e+00" in result.stdout
+
+
+def test_fine_tune_example_compares_four_variants():
+    result = run_script("examples/fine_tune.py", "--quick")
+    assert "BRN: 52 batch norms -> 52 BatchRenormalization" in result.stdout
+    # MobileNetV2: 35 batch norms follow a bias-free Conv2D, 17 a depthwise
+    # convolution, which CBN cannot wrap.
+    assert (
+        "CBN: 52 batch norms -> 35 CrossIterationBatchNormalization"
+        in result.stdout
+    )
+    assert "17 BatchNormalization (CBN cannot wrap it" in result.stdout
+    rows = re.findall(
+        r"^(.+?) +test accuracy mean (\d\.\d{3})  \(min (\d\.\d{3}), "
+        r"max (\d\.\d{3}) over 1 seeds\)  \d+ s$",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert [name for name, *_ in rows] == [
+        "Keras BN",
+        "Keras BN (frozen)",
+        "BRN",
+        "CBN",
+    ], result.stdout
+    # Two fine-tuning steps after one epoch of pretraining: no accuracy to
+    # speak of, but one seed's mean, min and max are its accuracy.
+    for _, mean, low, high in rows:
+        assert mean == low == high and 0.0 <= float(mean) <= 1.0, rows
