@@ -186,3 +186,42 @@ def assert_trains_alike(ours, theirs, batches, mask, statistics):
             )
         sgd_update(ours, g1)
         sgd_update(theirs, g2)
+
+
+def all_layers(model):
+    """The layers of `model` and of the models nested in it."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+# Statistics that must stay positive. BRN's moving_stddev is drawn apart
+# from its moving_variance: inference (and folding) must use the variance.
+POSITIVE = ("moving_variance", "moving_stddev", "renorm_stddev")
+
+
+def randomize(model, seed=0):
+    """Non-trivial statistics, gamma, beta and biases for every layer."""
+    rng = np.random.default_rng(seed)
+    for layer in all_layers(model):
+        for w in layer.weights:
+            if keras.backend.standardize_dtype(w.dtype) != "float32":
+                continue  # step counters
+            shape = tuple(w.shape)
+            if w.name in POSITIVE:
+                value = rng.uniform(0.3, 3.0, shape)
+            elif w.name == "gamma":
+                sign = rng.choice([-1.0, 1.0], shape)  # negative too
+                value = rng.uniform(0.5, 2.0, shape) * sign
+            elif w.name in ("beta", "moving_mean", "renorm_mean", "bias"):
+                value = rng.normal(0.0, 1.0, shape)
+            else:
+                continue  # kernels keep their initializer's scale
+            w.assign(value.astype("float32"))
+
+
+def assert_same_predictions(actual, expected):
+    """Normwise: max |difference| <= 1e-5 * max |expected|."""
+    error = np.max(np.abs(actual - expected))
+    assert error <= 1e-5 * np.max(np.abs(expected)), error

@@ -10,6 +10,8 @@ from keras import layers
 
 import keras_norms
 from keras_norms.utils import convert_normalization
+from tests.helpers import assert_same_predictions
+from tests.helpers import randomize
 from tests.helpers import run_python
 from tests.helpers import to_numpy
 
@@ -17,33 +19,6 @@ BN = keras_norms.BatchNormalization
 BRN = keras_norms.BatchRenormalization
 CBN = keras_norms.CrossIterationBatchNormalization
 SOURCES = (layers.BatchNormalization, BN, BRN)
-POSITIVE = ("moving_variance", "moving_stddev", "renorm_stddev")
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-
-
-def _randomize(model, seed=0):
-    """Non-trivial statistics, gamma, beta and biases for every layer."""
-    rng = np.random.default_rng(seed)
-    for layer in _all_layers(model):
-        for w in layer.weights:
-            if keras.backend.standardize_dtype(w.dtype) != "float32":
-                continue
-            shape = tuple(w.shape)
-            if w.name in POSITIVE:
-                value = rng.uniform(0.3, 3.0, shape)
-            elif w.name in ("gamma", "beta", "moving_mean", "renorm_mean"):
-                value = rng.normal(0.5, 1.0, shape)
-            elif w.name == "bias":
-                value = rng.normal(0.0, 1.0, shape)
-            else:
-                continue
-            w.assign(value.astype("float32"))
 
 
 def _data(model, seed=1):
@@ -54,11 +29,6 @@ def _data(model, seed=1):
 
 def _predict(model, x):
     return np.asarray(model.predict(x, verbose=0, batch_size=len(x)))
-
-
-def _assert_same_predictions(actual, expected):
-    scale = np.max(np.abs(expected))
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * scale)
 
 
 def _sequential_dense():
@@ -174,7 +144,7 @@ def _inputs(model, build):
 @pytest.mark.parametrize("build", BUILDS.values(), ids=BUILDS.keys())
 def test_converts_and_predicts_the_same(build, to):
     model = build()
-    _randomize(model)
+    randomize(model)
     x = _inputs(model, build)
     expected = _predict(model, x)
 
@@ -182,7 +152,7 @@ def test_converts_and_predicts_the_same(build, to):
         warnings.simplefilter("always")
         new, report = convert_normalization(model, to, return_report=True)
 
-    _assert_same_predictions(_predict(new, x), expected)
+    assert_same_predictions(_predict(new, x), expected)
     np.testing.assert_array_equal(_predict(model, x), expected)  # untouched
     assert sorted(report) == sorted(_source_names(model))
     others = [n for n, e in report.items() if e["to"] != to.__name__]
@@ -256,7 +226,7 @@ def _assert_weights_carried(old, new):
 
 def test_cbn_carries_the_kernel_and_trains_like_a_hand_built_one():
     model = _sequential_dense()
-    _randomize(model)
+    randomize(model)
     with pytest.warns(UserWarning, match="1 of 2 layers"):
         new = convert_normalization(model, CBN, window_size=3)
     cbn = new.get_layer("bn1")
@@ -290,7 +260,7 @@ def test_cbn_carries_the_kernel_and_trains_like_a_hand_built_one():
 
 def test_keras_renorm_keeps_its_clipping_and_layer_kwargs_override():
     model = _keras_renorm()
-    _randomize(model)
+    randomize(model)
     new = convert_normalization(model, BRN)
     brn = new.get_layer("renorm")
     assert (brn.rmax, brn.dmax, brn.renorm_momentum) == (2.0, 0.5, 0.9)
@@ -354,7 +324,7 @@ def test_refuses_bad_arguments(to, kwargs, error, match):
 
 def test_saves_loads_in_a_new_process_and_trains(tmp_path):
     model = _conv_graph()
-    _randomize(model)
+    randomize(model)
     x = _data(model)
     with pytest.warns(UserWarning):
         new = convert_normalization(model, CBN, window_size=2)
@@ -372,7 +342,7 @@ def test_saves_loads_in_a_new_process_and_trains(tmp_path):
         cwd=tmp_path,
     )
     assert out.strip().splitlines()[-1] == "True"
-    _assert_same_predictions(np.load(tmp_path / "got.npy"), _predict(model, x))
+    assert_same_predictions(np.load(tmp_path / "got.npy"), _predict(model, x))
 
 
 def test_docstring_example_runs():

@@ -11,6 +11,9 @@ from keras import layers
 import keras_norms
 from keras_norms.utils import fold_normalization
 from tests.helpers import BACKEND
+from tests.helpers import all_layers
+from tests.helpers import assert_same_predictions
+from tests.helpers import randomize
 from tests.helpers import run_python
 from tests.helpers import to_numpy
 
@@ -19,36 +22,6 @@ NORMALIZATIONS = (
     keras_norms.CrossIterationBatchNormalization,
     layers.BatchNormalization,
 )
-# Statistics that must stay positive. BRN's moving_stddev is drawn apart
-# from its moving_variance: inference (and folding) must use the variance.
-POSITIVE = ("moving_variance", "moving_stddev", "renorm_stddev")
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-
-
-def _randomize(model, seed=0):
-    """Non-trivial statistics, gamma, beta and biases for every layer."""
-    rng = np.random.default_rng(seed)
-    for layer in _all_layers(model):
-        for w in layer.weights:
-            if keras.backend.standardize_dtype(w.dtype) != "float32":
-                continue  # step counters
-            shape = tuple(w.shape)
-            if w.name in POSITIVE:
-                value = rng.uniform(0.3, 3.0, shape)
-            elif w.name == "gamma":
-                sign = rng.choice([-1.0, 1.0], shape)  # negative too
-                value = rng.uniform(0.5, 2.0, shape) * sign
-            elif w.name in ("beta", "moving_mean", "bias"):
-                value = rng.normal(0.0, 1.0, shape)
-            else:
-                continue  # kernels keep their initializer's scale
-            w.assign(value.astype("float32"))
 
 
 def _input_data(model, seed=1):
@@ -65,16 +38,10 @@ def _predict(model, x):
     return to_numpy(model(x, training=False))
 
 
-def _assert_same_predictions(actual, expected):
-    """Normwise: max |difference| <= 1e-5 * max |expected|."""
-    error = np.max(np.abs(actual - expected))
-    assert error <= 1e-5 * np.max(np.abs(expected)), error
-
-
 def _snapshot(model):
     return [
         (layer.name, type(layer), [w.copy() for w in layer.get_weights()])
-        for layer in _all_layers(model)
+        for layer in all_layers(model)
     ]
 
 
@@ -301,7 +268,7 @@ FOLDABLE["frozen_bn_training_true"] = _frozen_bn_called_in_training_mode
 @pytest.mark.parametrize("build", FOLDABLE.values(), ids=FOLDABLE.keys())
 def test_folds_and_predicts_the_same(build):
     model = build()
-    _randomize(model)
+    randomize(model)
     if build in SEQUENCES:  # the LSTM sees the mask of the padding
         x = np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0], [6, 7, 8, 9, 1]])
     else:
@@ -312,11 +279,11 @@ def test_folds_and_predicts_the_same(build):
     folded, report, messages = _fold(model)
 
     assert report == {} and messages == []
-    assert not any(isinstance(x, NORMALIZATIONS) for x in _all_layers(folded))
-    _assert_same_predictions(_predict(folded, x), expected)
+    assert not any(isinstance(x, NORMALIZATIONS) for x in all_layers(folded))
+    assert_same_predictions(_predict(folded, x), expected)
     _assert_unchanged(model, snapshot)
     np.testing.assert_array_equal(_predict(model, x), expected)
-    linear = [x for x in _all_layers(folded) if x.name == "linear"]
+    linear = [x for x in all_layers(folded) if x.name == "linear"]
     if linear:  # the folded layer keeps its name and has a bias
         assert len(linear) == 1 and linear[0].use_bias
     if build is _cbn_name_clash:
@@ -350,7 +317,7 @@ def test_after_training_steps():
 
     assert report == {}
     assert len(folded.layers) == len(model.layers) - 1  # BRN removed
-    _assert_same_predictions(_predict(folded, x), _predict(model, x))
+    assert_same_predictions(_predict(folded, x), _predict(model, x))
     assert folded.compiled  # like keras.models.clone_model
 
 
@@ -437,7 +404,7 @@ KEPT = {
 @pytest.mark.parametrize("build, reason", KEPT.values(), ids=KEPT.keys())
 def test_keeps_and_reports_what_cannot_be_folded(build, reason):
     model = build()
-    _randomize(model)
+    randomize(model)
     x = _input_data(model)
     expected = _predict(model, x)
 
@@ -451,7 +418,7 @@ def test_keeps_and_reports_what_cannot_be_folded(build, reason):
     assert type(norm) is type(model.get_layer("norm"))
     for a, b in zip(norm.get_weights(), model.get_layer("norm").get_weights()):
         np.testing.assert_array_equal(a, b)
-    _assert_same_predictions(_predict(folded, x), expected)
+    assert_same_predictions(_predict(folded, x), expected)
 
 
 def test_report_names_layers_inside_nested_models():
@@ -462,7 +429,7 @@ def test_report_names_layers_inside_nested_models():
     h = layers.Dense(6, use_bias=False)(inputs)
     h = keras_norms.BatchNormalization()(h)  # folded
     model = keras.Model(inputs, inner(h), name="outer")
-    _randomize(model)
+    randomize(model)
     x = _input_data(model)
 
     folded, report, messages = _fold(model)
@@ -470,21 +437,21 @@ def test_report_names_layers_inside_nested_models():
     assert list(report) == [f"{inner.name}/norm"]
     assert len(messages) == 1
     assert len(folded.layers) == len(model.layers) - 1
-    _assert_same_predictions(_predict(folded, x), _predict(model, x))
+    assert_same_predictions(_predict(folded, x), _predict(model, x))
 
 
 def test_reports_layers_inside_a_nested_subclassed_model():
     inputs = keras.Input((6,))
     inner = _Subclassed(name="sub")
     model = keras.Model(inputs, inner(inputs))
-    _randomize(model)
+    randomize(model)
     x = _input_data(model)
 
     folded, report, _ = _fold(model)
 
     assert list(report) == [f"sub/{inner.norm.name}"]
     assert "subclassed model 'sub'" in report[f"sub/{inner.norm.name}"]
-    _assert_same_predictions(_predict(folded, x), _predict(model, x))
+    assert_same_predictions(_predict(folded, x), _predict(model, x))
 
 
 def test_a_model_without_normalization_is_copied_silently():
@@ -546,7 +513,7 @@ def _partly_foldable():
 
 def test_saves_and_loads_with_only_keras_norms(tmp_path):
     model = _partly_foldable()
-    _randomize(model)
+    randomize(model)
     x = _input_data(model)
     folded, report, _ = _fold(model)
     assert list(report) == ["norm"]
@@ -567,7 +534,7 @@ def test_saves_and_loads_with_only_keras_norms(tmp_path):
         "['InputLayer', 'Conv2D', 'Conv2D', 'BatchRenormalization', "
         "'Conv2D', 'Flatten']"
     )
-    _assert_same_predictions(
+    assert_same_predictions(
         np.load(tmp_path / "got.npy"), np.load(tmp_path / "expected.npy")
     )
 
@@ -580,7 +547,7 @@ def test_exported_saved_model_serves_the_same(tmp_path):
     import tensorflow as tf
 
     model = _partly_foldable()
-    _randomize(model)
+    randomize(model)
     x = _input_data(model)
     folded, _, _ = _fold(model)
 
@@ -589,7 +556,7 @@ def test_exported_saved_model_serves_the_same(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "exported"))
     served = loaded.serve(x)
 
-    _assert_same_predictions(np.asarray(served), _predict(model, x))
+    assert_same_predictions(np.asarray(served), _predict(model, x))
 
 
 def test_docstring_example_runs():
