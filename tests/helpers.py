@@ -1,5 +1,6 @@
 """Test helpers on the public Keras API, for every backend."""
 
+import doctest
 import os
 import subprocess
 import sys
@@ -225,3 +226,14 @@ def assert_same_predictions(actual, expected):
     """Normwise: max |difference| <= 1e-5 * max |expected|."""
     error = np.max(np.abs(actual - expected))
     assert error <= 1e-5 * np.max(np.abs(expected)), error
+
+
+def assert_docstring_examples_pass(obj):
+    """Runs the examples of `obj`'s docstring; they must exist and pass."""
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = finder.find(obj, globs={})
+    assert tests and tests[0].examples
+    for test in tests:
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0

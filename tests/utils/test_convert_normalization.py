@@ -1,6 +1,5 @@
 """convert_normalization: same predictions, weights carried, report, saving."""
 
-import doctest
 import warnings
 
 import keras
@@ -10,6 +9,7 @@ from keras import layers
 
 import keras_norms
 from keras_norms.utils import convert_normalization
+from tests.helpers import assert_docstring_examples_pass
 from tests.helpers import assert_same_predictions
 from tests.helpers import randomize
 from tests.helpers import run_python
@@ -346,10 +346,4 @@ def test_saves_loads_in_a_new_process_and_trains(tmp_path):
 
 
 def test_docstring_example_runs():
-    finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    tests = finder.find(convert_normalization, globs={})
-    assert tests and tests[0].examples
-    for test in tests:
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
+    assert_docstring_examples_pass(convert_normalization)

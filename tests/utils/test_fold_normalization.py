@@ -1,6 +1,5 @@
 """fold_normalization: equal predictions, kept layers, saving and export."""
 
-import doctest
 import warnings
 
 import keras
@@ -12,6 +11,7 @@ import keras_norms
 from keras_norms.utils import fold_normalization
 from tests.helpers import BACKEND
 from tests.helpers import all_layers
+from tests.helpers import assert_docstring_examples_pass
 from tests.helpers import assert_same_predictions
 from tests.helpers import randomize
 from tests.helpers import run_python
@@ -560,10 +560,4 @@ def test_exported_saved_model_serves_the_same(tmp_path):
 
 
 def test_docstring_example_runs():
-    finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    tests = finder.find(fold_normalization, globs={})
-    assert tests and tests[0].examples
-    for test in tests:
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
+    assert_docstring_examples_pass(fold_normalization)
