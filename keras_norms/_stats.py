@@ -161,27 +161,6 @@ def as_positions(inputs, mask=None):
     return ops.reshape(inputs, (-1, inputs.shape[-1])), mask
 
 
-def check_synchronized(synchronized, layer_name):
-    """Coerces `synchronized` to bool; raises where it cannot be honoured.
-
-    Cross-replica statistics exist with the TensorFlow backend (replicas of
-    a `tf.distribute` strategy) and the JAX backend (`keras.distribution`
-    compiles one program over the global batch). Keras has no distribution
-    API for PyTorch, so a synchronized layer there would silently compute
-    per-process statistics: that is refused.
-    """
-    synchronized = check_bool("synchronized", synchronized)
-    if synchronized and backend.backend() not in ("tensorflow", "jax"):
-        raise ValueError(
-            f"{layer_name}(synchronized=True) needs the TensorFlow backend "
-            "(tf.distribute strategies) or the JAX backend "
-            "(keras.distribution); the current backend is "
-            f"{backend.backend()!r}, which Keras cannot distribute. Use "
-            "synchronized=False. Received: synchronized=True"
-        )
-    return synchronized
-
-
 def _replica_context():
     """The `tf.distribute` replica context when there are several replicas
     to synchronize with (TensorFlow backend), else None."""
@@ -206,24 +185,70 @@ def global_batch_program():
     return distribution.distribution() is not None
 
 
+def _torch_process_group():
+    """Whether a `torch.distributed` process group of several processes
+    is initialized (PyTorch backend)."""
+    if backend.backend() != "torch":
+        return False
+    import torch.distributed as dist
+
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
+
+
+_TORCH_ALL_REDUCE = []
+
+
+def _torch_all_reduce():
+    """A differentiable `torch.distributed.all_reduce` (sum): the backward
+    of a sum over processes is the sum over processes of the gradients, as
+    in torch's own `SyncBatchNorm`. Defined once, on first use."""
+    if not _TORCH_ALL_REDUCE:
+        import torch
+        import torch.distributed as dist
+
+        class AllReduceSum(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, flat):
+                flat = flat.clone()
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                return flat
+
+            @staticmethod
+            def backward(ctx, grad):
+                grad = grad.contiguous().clone()
+                dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+                return grad
+
+        _TORCH_ALL_REDUCE.append(AllReduceSum.apply)
+    return _TORCH_ALL_REDUCE[0]
+
+
 def all_reduce_sum(values):
     """Sums a list of tensors over the replicas, with ONE collective.
 
-    With TensorFlow inside a `tf.distribute` replica context, the tensors
-    are flattened into one vector for a single all-reduce (differentiable).
-    Elsewhere the values are returned as they are: on JAX,
-    `keras.distribution` compiles one program over the global batch, so a
-    sum over the batch axis already is the global sum (XLA inserts the
-    collective).
+    The tensors are flattened into one vector for a single differentiable
+    all-reduce: the strategy's with TensorFlow inside a `tf.distribute`
+    replica context, `torch.distributed`'s with PyTorch inside a process
+    group of several processes. Elsewhere the values are returned as they
+    are: on JAX, `keras.distribution` compiles one program over the global
+    batch, so a sum over the batch axis already is the global sum (XLA
+    inserts the collective).
     """
     ctx = _replica_context()
-    if ctx is None:
+    if ctx is None and not _torch_process_group():
         return list(values)
-    import tensorflow as tf
-
     sizes = [math.prod(v.shape) for v in values]
     flat = ops.concatenate([ops.reshape(v, (-1,)) for v in values], axis=0)
-    flat = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+    if ctx is None:
+        flat = _torch_all_reduce()(flat)
+    else:
+        import tensorflow as tf
+
+        flat = ctx.all_reduce(tf.distribute.ReduceOp.SUM, flat)
     out, start = [], 0
     for v, n in zip(values, sizes):
         out.append(ops.reshape(flat[start : start + n], ops.shape(v)))

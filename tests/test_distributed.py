@@ -153,20 +153,33 @@ def test_one_all_reduce_per_layer(results):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: keras_norms.BatchNormalization(synchronized=True),
-        lambda: keras_norms.BatchRenormalization(synchronized=True),
-        lambda: keras_norms.CrossIterationBatchNormalization(
-            keras.layers.Dense(3, use_bias=False), synchronized=True
+        lambda sync: keras_norms.BatchNormalization(synchronized=sync),
+        lambda sync: keras_norms.BatchRenormalization(synchronized=sync),
+        lambda sync: keras_norms.CrossIterationBatchNormalization(
+            keras.layers.Dense(3, use_bias=False), synchronized=sync
         ),
     ],
     ids=["bn", "brn", "cbn"],
 )
-def test_synchronized_where_supported(make):
-    if DISTRIBUTED:
-        assert make().get_config()["synchronized"] is True
-    else:
-        with pytest.raises(ValueError, match="synchronized"):
-            make()
+def test_synchronized_on_one_replica_trains_like_local(make):
+    """On every backend, without several replicas (no strategy, no
+    `keras.distribution`, no torch process group), `synchronized=True`
+    gives the local statistics: 3 training calls, masked, agree with
+    `synchronized=False` (1e-5)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(4.0, 2.0, size=(3, 6, 5, 4)).astype("float32")
+    mask = rng.random((3, 6, 5)) < 0.7
+    runs = []
+    for sync in (True, False):
+        keras.utils.set_random_seed(1)  # CBN's kernel
+        layer = make(sync)
+        assert layer.get_config()["synchronized"] is sync
+        for step in range(3):
+            y = layer(x[step], training=True, mask=mask[step])
+        weights = [keras.ops.convert_to_numpy(w) for w in layer.weights]
+        runs.append([keras.ops.convert_to_numpy(y)] + weights)
+    for a, b in zip(*runs):
+        assert relative_difference(a, b) <= 1e-5
 
 
 def test_synchronized_must_be_bool():

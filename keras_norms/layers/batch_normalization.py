@@ -65,8 +65,9 @@ class BatchNormalization(NormalizationParameters, Layer):
         synchronized: If `True`, the batch statistics are over the global
             batch when training on several devices: the replicas of a
             `tf.distribute` strategy (TensorFlow backend; one all-reduce per
-            layer and step) or a `keras.distribution` (JAX backend, where
-            they are always global). Not available with PyTorch. Defaults
+            layer and step), a `keras.distribution` (JAX backend, where
+            they are always global) or a `torch.distributed` process group
+            (PyTorch backend; one all-reduce per layer and step). Defaults
             to `False`.
         renorm: Accepted so that a `keras.layers.BatchNormalization` config
             loads; must be `False`. For batch renormalization use
@@ -150,9 +151,7 @@ class BatchNormalization(NormalizationParameters, Layer):
             beta_constraint=beta_constraint,
             gamma_constraint=gamma_constraint,
         )
-        self.synchronized = _stats.check_synchronized(
-            synchronized, self.__class__.__name__
-        )
+        self.synchronized = _stats.check_bool("synchronized", synchronized)
         self.supports_masking = True
 
     # Whether `update_statistics` returns a correction (r, d).

@@ -68,8 +68,9 @@ class BatchRenormalization(BatchNormalization):
         synchronized: If `True`, the batch statistics are over the global
             batch when training on several devices: the replicas of a
             `tf.distribute` strategy (TensorFlow backend; one all-reduce per
-            layer and step) or a `keras.distribution` (JAX backend, where
-            they are always global). Not available with PyTorch. Defaults
+            layer and step), a `keras.distribution` (JAX backend, where
+            they are always global) or a `torch.distributed` process group
+            (PyTorch backend; one all-reduce per layer and step). Defaults
             to `False`.
         rmax: Initial upper clip of `r`, at least `rmin` (at least 1 when
             `rmin` is `None`); `float("inf")` for none. Defaults to `3.0`.

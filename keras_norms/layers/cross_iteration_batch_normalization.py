@@ -100,9 +100,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         synchronized: If `True`, the batch statistics and the derivatives
             that compensate them are over the global batch when training on
             several devices: the replicas of a `tf.distribute` strategy
-            (TensorFlow backend; one all-reduce per layer and step) or a
+            (TensorFlow backend; one all-reduce per layer and step), a
             `keras.distribution` (JAX backend, where they are always
-            global). Not available with PyTorch. Defaults to `False`.
+            global) or a `torch.distributed` process group (PyTorch backend;
+            one all-reduce per layer and step). Defaults to `False`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -181,9 +182,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             beta_constraint=beta_constraint,
             gamma_constraint=gamma_constraint,
         )
-        self.synchronized = _stats.check_synchronized(
-            synchronized, self.__class__.__name__
-        )
+        self.synchronized = _stats.check_bool("synchronized", synchronized)
         self.supports_masking = _linear.is_dense(layer)
 
     def build(self, input_shape):
