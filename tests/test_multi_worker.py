@@ -1,0 +1,109 @@
+"""Synchronized statistics across 2 worker processes equal one process.
+
+The workers run `tests/multi_worker_scenario.py` with the recipe of
+`examples/multi_worker.py` on the current backend (TensorFlow:
+`MultiWorkerMirroredStrategy`; JAX: `keras.distribution` across processes;
+PyTorch: a gloo process group and `DistributedDataParallel`), on 127.0.0.1
+inside a private network namespace (`tests/netns.py`). The reference is
+`fit()` in this process on the same global batches.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import multi_worker_scenario as scenario
+from tests import netns
+from tests.helpers import BACKEND
+from tests.helpers import ROOT
+
+NO_NAMESPACE = netns.unavailable_reason()
+pytestmark = pytest.mark.skipif(
+    NO_NAMESPACE is not None,
+    reason=f"workers run in a private network namespace: {NO_NAMESPACE}",
+)
+
+SYNCHRONIZED = [c for c, (_, _, sync) in scenario.CASES.items() if sync]
+LOCAL = [c for c, (_, _, sync) in scenario.CASES.items() if not sync]
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """The directory of the 2 workers' results."""
+    out = tmp_path_factory.mktemp("multi_worker")
+    command = [sys.executable, "tests/netns.py", sys.executable]
+    command += ["tests/multi_worker_scenario.py", str(out)]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=dict(os.environ, KERAS_BACKEND=BACKEND),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def load(workers, case):
+    return [dict(np.load(workers / f"{case}-worker{i}.npz")) for i in range(2)]
+
+
+def relative_difference(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-6))
+
+
+def worst_difference(reference, weights):
+    assert sorted(reference) == sorted(weights)
+    return max(relative_difference(reference[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("case", SYNCHRONIZED)
+def test_two_workers_train_like_one_process(workers, case):
+    """After 4 steps at global batch 8 (4 per worker): worker 0's weights,
+    moving statistics, BRN's renorm statistics and CBN's buffers equal
+    one process's `fit()` (1e-5); both workers hold identical weights."""
+    first, second = load(workers, case)
+    reference = scenario.reference(case)
+    assert len(reference) >= 7, sorted(reference)
+    for name, value in reference.items():
+        assert relative_difference(value, first[name]) <= 1e-5, name
+    for name, value in first.items():
+        np.testing.assert_array_equal(value, second[name], err_msg=name)
+
+
+@pytest.mark.parametrize("case", LOCAL)
+def test_local_statistics(workers, case):
+    """`synchronized=False`: with TensorFlow and PyTorch each worker
+    normalizes with its own half, and training differs from one process.
+    On JAX one program runs over the global batch across processes, so the
+    statistics are global anyway (as with Keras's own BN)."""
+    first, _ = load(workers, case)
+    worst = worst_difference(scenario.reference(case), first)
+    if BACKEND == "jax":
+        assert worst <= 1e-5
+    else:
+        assert worst > 1e-3
+
+
+@pytest.mark.parametrize("case", ["bn", "cbn_conv2d"])
+def test_per_worker_statistics_would_be_seen(case):
+    """The halves differ enough that statistics of one worker's half alone
+    train far from the global batch's: the comparisons above can fail."""
+    reference = scenario.reference(case)
+    assert worst_difference(reference, scenario.alone(case, 0)) > 1e-2
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed calls")
+def test_one_torch_all_reduce_per_layer(workers):
+    """One `torch.distributed.all_reduce` per layer and training call on
+    each worker, masked or not."""
+    for i in range(2):
+        path = workers / f"collectives-worker{i}.json"
+        counts = json.loads(path.read_text())
+        assert counts == dict.fromkeys(counts, 1), counts
+        assert len(counts) == 6, counts
