@@ -20,27 +20,33 @@ import os
 import platform
 import sys
 
-BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
-if BACKEND == "jax":
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_force_host_platform_device_count=2"
-    )
-else:
+import keras
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import time_alternating  # noqa: E402
+
+import keras_norms  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+def configure_devices():
+    """2 devices in this process: logical CPUs (TensorFlow) or host devices
+    (JAX). Called before the backend first runs anything (importing Keras
+    does not)."""
+    if BACKEND == "jax":
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_force_host_platform_device_count=2"
+        )
+        return
     import tensorflow as tf
 
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration()] * 2,
     )
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import time_alternating  # noqa: E402
-
-import keras_norms  # noqa: E402
 
 
 def norms():
@@ -84,6 +90,8 @@ def build(norm, synchronized, shape, channels):
 
 def scope():
     if BACKEND == "tensorflow":
+        import tensorflow as tf
+
         return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope()
     devices = keras.distribution.list_devices()
     return keras.distribution.DataParallel(devices=devices).scope()
@@ -95,6 +103,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args(argv)
+    configure_devices()
     shape, channels = ((4, 6, 6, 3), 4) if args.tiny else ((32, 32, 32, 16), 32)
     rounds, warmup = (1, 1) if args.tiny else (args.rounds, 3)
     rng = np.random.default_rng(0)

@@ -118,9 +118,9 @@ def local_share(array, global_batch_size, count, index):
 
 def make_train_step(model, strategy):
     """`step(x, y)` trains `model` (built and compiled) on this worker's
-    share of one global batch and returns its loss (a float).
-
-    Not for JAX, where `fit()` works across processes (see `train`)."""
+    share of one global batch and returns its loss (a float)."""
+    if BACKEND == "jax":  # Keras assembles the global batch
+        return lambda x, y: float(model.train_on_batch(x, y))
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -272,40 +272,51 @@ def free_ports(count):
 
 def launch_local_workers(command, count, timeout):
     """Runs `command + ["--workers", ..., "--index", i]` for `count` workers
-    on 127.0.0.1 (free ports); each is killed by its pid if any fails or
-    the `timeout` (seconds) passes. Returns the workers' outputs."""
+    on 127.0.0.1 (free ports). As soon as one fails, or when `timeout`
+    (seconds) passes, every worker still running is killed by its pid and
+    a RuntimeError shows the failure. Returns the workers' outputs."""
     addresses = ",".join(f"127.0.0.1:{p}" for p in free_ports(count))
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         env.pop(name, None)
-    processes = [
-        subprocess.Popen(
-            command + ["--workers", addresses, "--index", str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(count)
-    ]
-    deadline = time.monotonic() + timeout
-    outputs = []
-    try:
-        for process in processes:
-            left = max(deadline - time.monotonic(), 1.0)
-            stdout, stderr = process.communicate(timeout=left)
-            if process.returncode:
-                raise RuntimeError(
-                    f"worker {processes.index(process)} failed "
-                    f"(exit {process.returncode}):\n{stderr[-3000:]}"
-                )
-            outputs.append(stdout)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+    with contextlib.ExitStack() as stack:
+        logs = [
+            [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in "oe"]
+            for _ in range(count)
+        ]
+        processes = [
+            subprocess.Popen(
+                command + ["--workers", addresses, "--index", str(i)],
+                env=env,
+                stdout=logs[i][0],
+                stderr=logs[i][1],
+                text=True,
+            )
+            for i in range(count)
+        ]
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in processes):
+                failed = [p for p in processes if p.poll()]
+                if failed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
                 process.wait()
-    return outputs
+        for out, err in logs:
+            out.seek(0), err.seek(0)
+        codes = [p.returncode for p in processes]
+        if any(codes):  # the first that failed by itself, else the first
+            i = next((i for i, c in enumerate(codes) if c > 0), 0)
+            raise RuntimeError(
+                f"worker {i} of {count} failed (exit codes {codes}; "
+                f"negative: killed, timeout {timeout} s):\n"
+                + logs[i][1].read()[-3000:]
+            )
+        return [out.read() for out, _ in logs]
 
 
 def main():

@@ -177,3 +177,32 @@ def test_fine_tune_example_compares_four_variants():
     # speak of, but one seed's mean, min and max are its accuracy.
     for _, mean, low, high in rows:
         assert mean == low == high and 0.0 <= float(mean) <= 1.0, rows
+
+
+def test_multi_worker_launcher_stops_every_worker_when_one_fails():
+    """`examples/multi_worker.py`'s launcher: worker 1 fails at once,
+    worker 0 would wait 300 s for it; worker 0 is killed, and the error
+    names worker 1 with its own message."""
+    import os
+    import sys
+    import time
+
+    import pytest
+
+    from tests.helpers import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import multi_worker
+
+    code = "import sys, time\n"
+    code += "if sys.argv[-1] == '1': sys.exit('worker one broke')\n"
+    code += "time.sleep(300)\n"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?s)worker 1 of 2.*one broke"):
+        multi_worker.launch_local_workers([sys.executable, "-c", code], 2, 60)
+    assert time.monotonic() - start < 30
+    ok = "import sys; print('worker', sys.argv[-1])"
+    outputs = multi_worker.launch_local_workers(
+        [sys.executable, "-c", ok], 2, 60
+    )
+    assert outputs == ["worker 0\n", "worker 1\n"]

@@ -10,6 +10,7 @@ inside a private network namespace (`tests/netns.py`). The reference is
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,14 +32,12 @@ SYNCHRONIZED = [c for c, (_, _, sync) in scenario.CASES.items() if sync]
 LOCAL = [c for c, (_, _, sync) in scenario.CASES.items() if not sync]
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    """The directory of the 2 workers' results."""
-    out = tmp_path_factory.mktemp("multi_worker")
-    command = [sys.executable, "tests/netns.py", sys.executable]
-    command += ["tests/multi_worker_scenario.py", str(out)]
+def run_private(script, *args):
+    """`python script args...` in a private network namespace on the
+    current backend; asserts that it succeeds and returns its output."""
+    command = [sys.executable, "tests/netns.py", sys.executable, script]
     result = subprocess.run(
-        command,
+        command + list(args),
         cwd=ROOT,
         env=dict(os.environ, KERAS_BACKEND=BACKEND),
         capture_output=True,
@@ -46,6 +45,14 @@ def workers(tmp_path_factory):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """The directory of the 2 workers' results."""
+    out = tmp_path_factory.mktemp("multi_worker")
+    run_private("tests/multi_worker_scenario.py", str(out))
     return out
 
 
@@ -107,3 +114,43 @@ def test_one_torch_all_reduce_per_layer(workers):
         counts = json.loads(path.read_text())
         assert counts == dict.fromkeys(counts, 1), counts
         assert len(counts) == 6, counts
+
+
+def test_example_runs_on_local_workers():
+    """`examples/multi_worker.py --local-workers 2`: both workers train,
+    print their step times, and end with the same moving statistics."""
+    out = run_private(
+        "examples/multi_worker.py", "--local-workers", "2", "--timeout", "600"
+    )
+    found = re.findall(
+        r"worker (\d)/2 \(\w+\): 56 steps, median step ([\d.]+) ms, "
+        r"moving statistics sha1 (\w+)",
+        out,
+    )
+    assert sorted(i for i, _, _ in found) == ["0", "1"], out
+    assert all(float(ms) > 0 for _, ms, _ in found), out
+    assert found[0][2] == found[1][2], out
+    assert "worker 1 vs worker 0: 6 moving statistics, largest " in out, out
+    assert "largest difference 0.00e+00" in out, out
+
+
+def test_benchmark_runs_and_reports(tmp_path):
+    """`benchmarks/multi_process.py` (tiny sizes; no timing asserted)."""
+    path = tmp_path / "bench.json"
+    out = run_private(
+        "benchmarks/multi_process.py",
+        "--tiny",
+        "--repeats",
+        "2",
+        "--json",
+        str(path),
+    )
+    report = json.loads(path.read_text())
+    assert report["backend"] == BACKEND
+    assert "kn_bn_sync / kn_bn" in report["ratios"], report
+    for name, ratio in report["ratios"].items():
+        assert len(ratio["block_ratios"]) == 2, name
+        assert ratio["ratio"] > 0, name
+        assert name in out
+    if BACKEND == "tensorflow":
+        assert "kn_bn_sync / keras_bn_sync" in report["ratios"]
