@@ -103,6 +103,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args(argv)
+    if BACKEND not in ("tensorflow", "jax"):
+        parser.error(
+            f"2 devices in one process need TensorFlow or JAX, not {BACKEND}"
+            "; PyTorch runs a process per device: benchmarks/multi_process.py"
+        )
     configure_devices()
     shape, channels = ((4, 6, 6, 3), 4) if args.tiny else ((32, 32, 32, 16), 32)
     rounds, warmup = (1, 1) if args.tiny else (args.rounds, 3)
