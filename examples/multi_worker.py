@@ -108,7 +108,14 @@ def scope(strategy):
 def local_share(array, global_batch_size, count, index):
     """This worker's rows of every global batch: worker `index` of `count`
     takes the `index`-th slice of each `global_batch_size` rows, so that the
-    workers' shares together are the batches one process would train on."""
+    workers' shares together are the batches one process would train on.
+    Rows after the last whole global batch are left out: every worker needs
+    its share of each batch."""
+    if global_batch_size % count:
+        raise ValueError(
+            f"The global batch size ({global_batch_size}) must be a multiple "
+            f"of the number of workers ({count})."
+        )
     per_worker = global_batch_size // count
     steps = len(array) // global_batch_size
     shaped = array[: steps * global_batch_size]
