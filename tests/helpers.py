@@ -16,8 +16,8 @@ def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def train_call(layer, x, dy, mask=None):
-    """Calls `layer(x, training=True, mask=mask)` once, with gradients.
+def train_call(layer, x, dy, mask=None, training=True):
+    """Calls `layer(x, training=training, mask=mask)` once, with gradients.
 
     Returns `(y, dx, grads)` for the loss `sum(dy * y)`, `grads` a dict from
     trainable weight name to gradient; the layer's state updates are applied
@@ -34,7 +34,7 @@ def train_call(layer, x, dy, mask=None):
 
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, training=True, mask=m)
+            y = layer(x, training=training, mask=m)
             loss = tf.reduce_sum(tf.cast(y, "float32") * dy)
         grads = tape.gradient(loss, [x] + layer.trainable_variables)
     elif BACKEND == "jax":
@@ -45,7 +45,7 @@ def train_call(layer, x, dy, mask=None):
 
         def loss_fn(x, trainable):
             y, new_state = layer.stateless_call(
-                trainable, non_trainable, x, training=True, mask=m
+                trainable, non_trainable, x, training=training, mask=m
             )
             return (y.astype("float32") * dy).sum(), (y, new_state)
 
@@ -59,7 +59,7 @@ def train_call(layer, x, dy, mask=None):
         import torch
 
         x = x.detach().clone().requires_grad_(True)
-        y = layer(x, training=True, mask=m)
+        y = layer(x, training=training, mask=m)
         loss = (y.float() * dy).sum()
         params = [v.value for v in layer.trainable_variables]
         grads = torch.autograd.grad(loss, [x] + params)

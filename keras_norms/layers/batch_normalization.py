@@ -200,14 +200,14 @@ class BatchNormalization(NormalizationParameters, Layer):
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
         if not (training and self.trainable):
-            outputs = _stats.normalize(
+            outputs = _stats.normalize_with(
                 inputs,
                 ops.cast(self.moving_mean, dtype),
                 ops.cast(self.moving_variance, dtype),
                 gamma,
                 beta,
                 self.epsilon,
-                self._broadcast_shape,
+                self._feature_axes,
             )
         elif mask is None and _stats.can_fuse(
             inputs, self._feature_axes, self.synchronized

@@ -257,9 +257,17 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
         if not (training and self.trainable):
-            mean = ops.cast(self.moving_mean, dtype)
-            variance = ops.cast(self.moving_variance, dtype)
-        elif mask is None and _stats.can_fuse(
+            outputs = _stats.normalize_with(
+                linear,
+                ops.cast(self.moving_mean, dtype),
+                ops.cast(self.moving_variance, dtype),
+                gamma,
+                beta,
+                self.epsilon,
+                (self._channel_axis,),
+            )
+            return ops.cast(outputs, self.compute_dtype)
+        if mask is None and _stats.can_fuse(
             linear, (self._channel_axis,), self.synchronized
         ):
             # TensorFlow's fused kernels (large inputs, not under XLA): the
@@ -276,10 +284,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 self.epsilon,
             )
             return ops.cast(outputs, self.compute_dtype)
-        else:
-            mean, variance = self._training_statistics(
-                inputs, linear, kernel, mask
-            )
+        mean, variance = self._training_statistics(inputs, linear, kernel, mask)
         outputs = _stats.normalize(
             linear,
             mean,
