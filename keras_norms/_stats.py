@@ -808,9 +808,9 @@ def _torch_moments():
         class Moments(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x):
-                with torch.no_grad():
+                with torch.no_grad():  # (1.0: the discarded output's)
                     _, mean, variance = _torch_fused_batch_norm(
-                        x, None, None, 1.0  # (the discarded output's)
+                        x, None, None, 1.0
                     )
                 ctx.save_for_backward(x, mean)
                 return mean, variance
