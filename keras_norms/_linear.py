@@ -156,6 +156,10 @@ def _conv_statistic_gradients(layer, inputs, grad_y, count):
         r == 1 for r in layer.dilation_rate
     ):
         return _tf_conv_statistic_gradients(layer, inputs, grad_y, count)
+    # torch's kernel-gradient op crashes the process (segmentation fault,
+    # torch 2.13 on CPU) on an empty batch: that one takes the generic path.
+    if backend.backend() == "torch" and 0 not in inputs.shape:
+        return _torch_conv_statistic_gradients(layer, inputs, grad_y, count)
     return _generic_conv_statistic_gradients(layer, inputs, grad_y, count)
 
 
@@ -258,4 +262,36 @@ def _tf_conv_statistic_gradients(layer, inputs, grad_y, count):
     dmu = kernel_gradient(x_sum, ones)
     if rank == 1:
         dnu, dmu = dnu[0], dmu[0]
+    return dmu, dnu
+
+
+def _torch_conv_statistic_gradients(layer, inputs, grad_y, count):
+    """Fast path: torch's kernel-gradient op (`torch.nn.grad.convNd_weight`)
+    on the explicitly padded input, viewed channels-first."""
+    import torch
+
+    rank = len(layer.kernel_size)
+    weight_of = (
+        torch.nn.grad.conv1d_weight,
+        torch.nn.grad.conv2d_weight,
+        torch.nn.grad.conv3d_weight,
+    )[rank - 1]
+    first = (0, rank + 1) + tuple(range(1, rank + 1))  # features to axis 1
+    padded = _pad(layer, inputs)
+    cin = inputs.shape[-1]
+
+    def kernel_gradient(x, g):
+        gradient = weight_of(
+            x.permute(first),
+            (g.shape[-1], cin) + tuple(layer.kernel_size),
+            g.permute(first),
+            stride=tuple(layer.strides),
+            dilation=tuple(layer.dilation_rate),
+        )  # (out, in, *kernel) -> Keras's (*kernel, in, out)
+        return gradient.permute(tuple(range(2, rank + 2)) + (1, 0))
+
+    dnu = kernel_gradient(padded, grad_y)
+    # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
+    ones = torch.ones_like(grad_y[:1, ..., :1]) / count
+    dmu = kernel_gradient(padded.sum(dim=0, keepdim=True), ones)
     return dmu, dnu

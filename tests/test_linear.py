@@ -1,4 +1,4 @@
-"""The fast TensorFlow kernel gradients of `keras_norms._linear` equal the
+"""The fast TensorFlow and PyTorch kernel gradients of `keras_norms._linear`
 general path (strided windows, every backend) and the im2col reference."""
 
 import keras
