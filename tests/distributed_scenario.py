@@ -34,7 +34,8 @@ else:
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import keras_norms  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import scenario_normalization  # noqa: E402
 
 # (name, layer kind, masked, synchronized)
 CASES = [
@@ -82,32 +83,13 @@ def data(masked, bad=None):
     return x, y
 
 
-def normalization(kind, synchronized):
-    common = dict(momentum=0.5, synchronized=synchronized)
-    if kind == "bn":
-        return keras_norms.BatchNormalization(**common)
-    if kind == "brn":
-        return keras_norms.BatchRenormalization(rmax=1.5, dmax=0.5, **common)
-    if kind.startswith("cbn_conv"):
-        linear = keras.layers.Conv1D(6, 3, padding="same", use_bias=False)
-    else:
-        linear = keras.layers.Dense(6, use_bias=False)
-    return keras_norms.CrossIterationBatchNormalization(
-        linear,
-        window_size=3,
-        burnin_steps=0,
-        compensation_gradient=not kind.endswith("_authors"),
-        **common,
-    )
-
-
 def make_model(kind, masked, synchronized):
     keras.utils.set_random_seed(1)
     inputs = keras.Input((5, 4))
     h = keras.layers.Masking(0.0)(inputs) if masked else inputs
     if kind in ("bn", "brn"):
         h = keras.layers.Dense(6, use_bias=False)(h)
-    h = normalization(kind, synchronized)(h)
+    h = scenario_normalization(kind, synchronized)(h)
     h = keras.layers.ReLU()(h)
     h = keras.layers.GlobalAveragePooling1D()(h)
     model = keras.Model(inputs, keras.layers.Dense(1)(h))
@@ -225,9 +207,9 @@ def collectives():
             "keras_bn": keras.layers.BatchNormalization(
                 synchronized=BACKEND == "tensorflow"
             ),
-            "bn": normalization("bn", True),
-            "brn": normalization("brn", True),
-            "cbn": normalization("cbn", True),
+            "bn": scenario_normalization("bn", True),
+            "brn": scenario_normalization("brn", True),
+            "cbn": scenario_normalization("cbn", True),
         }
         for name, layer in layers.items():
             out[name + suffix] = count(layer, x, m)

@@ -237,3 +237,30 @@ def assert_docstring_examples_pass(obj):
     for test in tests:
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def scenario_normalization(kind, synchronized):
+    """The layer the multi-device and multi-worker scenarios train: `kind`
+    is "bn", "brn", "cbn" (of a Dense), "cbn_conv" (Conv1D) or
+    "cbn_conv2d" (Conv2D); a CBN kind ending in "_authors" takes the
+    authors' gradient convention (`compensation_gradient=False`)."""
+    import keras_norms
+
+    common = dict(momentum=0.5, synchronized=synchronized)
+    if kind == "bn":
+        return keras_norms.BatchNormalization(**common)
+    if kind == "brn":
+        return keras_norms.BatchRenormalization(rmax=1.5, dmax=0.5, **common)
+    if kind.startswith("cbn_conv2d"):
+        linear = keras.layers.Conv2D(6, 3, padding="same", use_bias=False)
+    elif kind.startswith("cbn_conv"):
+        linear = keras.layers.Conv1D(6, 3, padding="same", use_bias=False)
+    else:
+        linear = keras.layers.Dense(6, use_bias=False)
+    return keras_norms.CrossIterationBatchNormalization(
+        linear,
+        window_size=3,
+        burnin_steps=0,
+        compensation_gradient=not kind.endswith("_authors"),
+        **common,
+    )

@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 import multi_worker  # noqa: E402
 
-import keras_norms  # noqa: E402
+from tests.helpers import scenario_normalization  # noqa: E402
 
 STEPS, GLOBAL_BATCH, WORKERS = 4, 8, 2
 
@@ -61,21 +61,6 @@ def data(kind, masked):
     return x, y
 
 
-def normalization(kind, synchronized):
-    common = dict(momentum=0.5, synchronized=synchronized)
-    if kind == "bn":
-        return keras_norms.BatchNormalization(**common)
-    if kind == "brn":
-        return keras_norms.BatchRenormalization(rmax=1.5, dmax=0.5, **common)
-    if kind == "cbn_conv2d":
-        linear = keras.layers.Conv2D(6, 3, padding="same", use_bias=False)
-    else:
-        linear = keras.layers.Dense(6, use_bias=False)
-    return keras_norms.CrossIterationBatchNormalization(
-        linear, window_size=3, burnin_steps=0, **common
-    )
-
-
 def make_model(kind, masked, synchronized):
     keras.utils.set_random_seed(1)
     image = kind == "cbn_conv2d"
@@ -83,7 +68,7 @@ def make_model(kind, masked, synchronized):
     h = keras.layers.Masking(0.0)(inputs) if masked else inputs
     if kind in ("bn", "brn"):
         h = keras.layers.Dense(6, use_bias=False)(h)
-    h = normalization(kind, synchronized)(h)
+    h = scenario_normalization(kind, synchronized)(h)
     h = keras.layers.ReLU()(h)
     pool = keras.layers.GlobalAveragePooling2D if image else None
     h = (pool or keras.layers.GlobalAveragePooling1D)()(h)
@@ -140,7 +125,7 @@ def torch_collectives():
     try:
         for kind in ("bn", "brn", "cbn"):
             for m in (None, mask):
-                layer = normalization(kind, True)
+                layer = scenario_normalization(kind, True)
                 del calls[:]
                 layer(x, training=True, mask=m)
                 counts[kind + ("" if m is None else "_mask")] = len(calls)

@@ -11,7 +11,6 @@ inside a private network namespace (`tests/netns.py`). The reference is
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +20,7 @@ from tests import multi_worker_scenario as scenario
 from tests import netns
 from tests.helpers import BACKEND
 from tests.helpers import ROOT
+from tests.helpers import run_script
 
 NO_NAMESPACE = netns.unavailable_reason()
 pytestmark = pytest.mark.skipif(
@@ -33,19 +33,11 @@ LOCAL = [c for c, (_, _, sync) in scenario.CASES.items() if not sync]
 
 
 def run_private(script, *args):
-    """`python script args...` in a private network namespace on the
-    current backend; asserts that it succeeds and returns its output."""
-    command = [sys.executable, "tests/netns.py", sys.executable, script]
-    result = subprocess.run(
-        command + list(args),
-        cwd=ROOT,
-        env=dict(os.environ, KERAS_BACKEND=BACKEND),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+    """`python script args...` (relative to the repository) in a private
+    network namespace on the current backend; asserts that it succeeds and
+    returns its output."""
+    command = (sys.executable, os.path.join(ROOT, script), *args)
+    return run_script("tests/netns.py", *command).stdout
 
 
 @pytest.fixture(scope="module")
