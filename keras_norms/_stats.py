@@ -5,6 +5,7 @@ as its paper's algorithm. Nothing here holds state; the helpers that update
 moving statistics take the variable and assign to it.
 """
 
+import functools
 import math
 import numbers
 
@@ -199,32 +200,28 @@ def _torch_process_group():
     )
 
 
-_TORCH_ALL_REDUCE = []
-
-
+@functools.cache
 def _torch_all_reduce():
     """A differentiable `torch.distributed.all_reduce` (sum): the backward
     of a sum over processes is the sum over processes of the gradients, as
-    in torch's own `SyncBatchNorm`. Defined once, on first use."""
-    if not _TORCH_ALL_REDUCE:
-        import torch
-        import torch.distributed as dist
+    in torch's own `SyncBatchNorm`. Defined once (cached)."""
+    import torch
+    import torch.distributed as dist
 
-        class AllReduceSum(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, flat):
-                flat = flat.clone()
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                return flat
+    class AllReduceSum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, flat):
+            flat = flat.clone()
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            return flat
 
-            @staticmethod
-            def backward(ctx, grad):
-                grad = grad.contiguous().clone()
-                dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-                return grad
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            return grad
 
-        _TORCH_ALL_REDUCE.append(AllReduceSum.apply)
-    return _TORCH_ALL_REDUCE[0]
+    return AllReduceSum.apply
 
 
 def all_reduce_sum(values):
@@ -794,36 +791,30 @@ def _torch_fused_renormalization(inputs, correct, scale, offset, epsilon):
     return outputs.reshape(inputs.shape)
 
 
-_TORCH_MOMENTS = []
-
-
+@functools.cache
 def _torch_moments():
     """Differentiable batch moments of `(positions, features)` from torch's
     kernel (no gradient; `torch.var_mean` takes 14x as long on 32768 x
     64), with their gradient written out: `d_mean / N + d_variance * 2 (x -
-    mean) / N`, one multiply-add per element. Defined once, on first use."""
-    if not _TORCH_MOMENTS:
-        import torch
+    mean) / N`, one multiply-add per element. Defined once (cached)."""
+    import torch
 
-        class Moments(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                with torch.no_grad():  # (1.0: the discarded output's)
-                    _, mean, variance = _torch_fused_batch_norm(
-                        x, None, None, 1.0
-                    )
-                ctx.save_for_backward(x, mean)
-                return mean, variance
+    class Moments(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            with torch.no_grad():  # (1.0: the discarded output's)
+                _, mean, variance = _torch_fused_batch_norm(x, None, None, 1.0)
+            ctx.save_for_backward(x, mean)
+            return mean, variance
 
-            @staticmethod
-            def backward(ctx, d_mean, d_variance):
-                x, mean = ctx.saved_tensors
-                positions = x.shape[0]
-                b = 2.0 * d_variance / positions
-                return torch.addcmul(d_mean / positions - mean * b, x, b)
+        @staticmethod
+        def backward(ctx, d_mean, d_variance):
+            x, mean = ctx.saved_tensors
+            positions = x.shape[0]
+            b = 2.0 * d_variance / positions
+            return torch.addcmul(d_mean / positions - mean * b, x, b)
 
-        _TORCH_MOMENTS.append(Moments.apply)
-    return _TORCH_MOMENTS[0]
+    return Moments.apply
 
 
 def _torch_fused_normalization(inputs, statistics, scale, offset, epsilon):
