@@ -1,5 +1,6 @@
-"""The fast TensorFlow and PyTorch kernel gradients of `keras_norms._linear`
-general path (strided windows, every backend) and the im2col reference."""
+"""The kernel gradients of `keras_norms._linear` (TensorFlow's, PyTorch's
+and JAX's fast paths, the general path of strided windows on every backend)
+against the im2col reference."""
 
 import keras
 import numpy as np
@@ -60,6 +61,10 @@ def test_conv_statistic_gradients_match_im2col(case):
     # convolutions (dilated ones raise there without oneDNN).
     if BACKEND == "tensorflow" and set(layer.dilation_rate) == {1}:
         paths.append(_linear._tf_conv_statistic_gradients)
+    if BACKEND == "torch":
+        paths.append(_linear._torch_conv_statistic_gradients)
+    if BACKEND == "jax":
+        paths.append(_linear._jax_conv_statistic_gradients)
     for path in paths:
         dmu, dnu = path(layer, ops.convert_to_tensor(x), grad_y, count)
         np.testing.assert_allclose(
