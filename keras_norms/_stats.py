@@ -146,11 +146,21 @@ def mask_count(keep, inputs, axes):
     return count
 
 
+def positions_layout_helps():
+    """Whether features-last inputs train faster viewed as `(positions,
+    features)` (`as_positions`): on TensorFlow, whose XLA reduces this
+    layout far faster than the same reduction over several leading axes
+    (0.3x the time for a 32x32x32x64 batch norm step on CPU), and on
+    PyTorch (one 2-D reduction). Not on JAX, whose XLA reduces both layouts
+    alike but compiled the train step around the reshape 1.16-1.21x slower
+    on 32x100x256 and 32x32x32x64 (README, "Speed")."""
+    return backend.backend() != "jax"
+
+
 def as_positions(inputs, mask=None):
     """Inputs with the features last as `(positions, features)` (and a
-    `broadcast_mask` as `(positions, 1 or features)`): XLA reduces this
-    layout far faster than the same reduction over several leading axes
-    (0.3x the time for a 32x32x32x64 batch norm step on CPU)."""
+    `broadcast_mask` as `(positions, 1 or features)`); see
+    `positions_layout_helps`."""
     if mask is not None:
         last = mask.shape[-1]
         if (

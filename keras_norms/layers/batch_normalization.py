@@ -237,8 +237,9 @@ class BatchNormalization(NormalizationParameters, Layer):
         """The general training path: any backend, axes and mask."""
         axes, shape = self._reduction_axes, self._broadcast_shape
         input_shape = None
-        if self._feature_axes == (len(inputs.shape) - 1,):
-            # As (positions, features): the layout XLA reduces fastest.
+        if self._feature_axes == (len(inputs.shape) - 1,) and (
+            _stats.positions_layout_helps()
+        ):
             input_shape = ops.shape(inputs)
             inputs, mask = _stats.as_positions(inputs, mask)
             axes, shape = (0,), (1, inputs.shape[-1])
