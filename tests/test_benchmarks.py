@@ -118,3 +118,107 @@ def test_fold_speed_benchmark_runs_and_reports(tmp_path):
     # each becomes its convolution with a bias).
     assert report["bn"]["layers"] == [11, 8]
     assert report["cbn"]["layers"] == [8, 8]
+
+
+def _load_run():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_run", os.path.join(ROOT, "benchmarks", "run.py")
+    )
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    return run
+
+
+def test_harness_prints_one_table_for_several_backends(tmp_path):
+    """`--backends` runs the harness once per backend (here the tests'
+    backend, twice) and prints one Markdown table of all runs; on JAX the
+    compiled train steps' scratch memory is in it."""
+    out = tmp_path / "all.json"
+    result = run_script(
+        "benchmarks/run.py",
+        "--tiny",
+        "--rounds",
+        "1",
+        "--cases",
+        "2d,4d_nhwc",
+        "--backends",
+        f"{BACKEND},{BACKEND}",
+        "--json",
+        str(out),
+    )
+    reports = json.loads(out.read_text())
+    assert [r["backend"] for r in reports] == [BACKEND, BACKEND]
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith(f"| {BACKEND} ")
+    ]
+    jits = {"tensorflow": 2, "jax": 1, "torch": 1}[BACKEND]
+    assert len(rows) == 2 * 2 * jits, result.stdout
+    conv_rows = [row for row in rows if "| 4d_nhwc |" in row]
+    for row in conv_rows:
+        cells = row.split(" | ")
+        assert cells[6].count("[") == 1  # Conv2D+CBN / Conv2D+BN
+    if BACKEND == "jax":  # jit on: XLA's memory analysis
+        memory = reports[0]["cases"][1]["temp_bytes"]
+        assert set(memory) >= {"kn_bn", "keras_bn", "conv_kn_cbn"}
+        assert all(size >= 0 for size in memory.values())
+        assert "not exposed on CPU" not in conv_rows[0]
+    else:
+        assert all(row.endswith("| not exposed on CPU |") for row in rows)
+
+
+def test_markdown_table_and_verdicts():
+    run = _load_run()
+    ratios = {
+        "train kn_bn / keras_bn": {"ratio": 0.95, "block_ratios": [0.9, 1.0]},
+        "infer kn_bn / keras_bn": {"ratio": 1.02, "block_ratios": [0.97, 1.1]},
+        "infer kn_brn / keras_renorm": {
+            "ratio": 0.99,
+            "block_ratios": [0.98, 0.99],
+        },
+    }
+    report = {
+        "backend": "jax",
+        "framework": "0.1",
+        "machine": "CPU X, 2 cores",
+        "date": "2026-12-04",
+        "keras": "3",
+        "loss": "mse",
+        "repeats": 2,
+        "rounds": 5,
+        "cases": [
+            {
+                "case": "2d",
+                "jit_compile": True,
+                "ratios": ratios,
+                "temp_bytes": {
+                    "kn_bn": 150,
+                    "keras_bn": 100,
+                    "kn_brn": 100,
+                    "keras_renorm": 200,
+                },
+            }
+        ],
+    }
+    table = run.markdown_table([report]).splitlines()
+    assert table[2] == (
+        "| jax 0.1 | 2d | on | 0.95 [0.90-1.00] |  |  |  | "
+        "1.02 [0.97-1.10], 0.99 [0.98-0.99] | 1.50, 0.50 |"
+    )
+    assert "2026-12-04; CPU X, 2 cores" in table[-1]
+    assert run.verdict(0.99, [0.9, 1.2], 1.0) == "ok"
+    assert run.verdict(1.02, [0.99, 1.2], 1.0) == "noise"
+    assert run.verdict(1.02, [1.01, 1.2], 1.0) == "MISSED"
+    assert run.target("train kn_bn / keras_bn", "4d_nhwc", False, "jax") == 1.0
+    assert (
+        run.target("train kn_bn / keras_bn", "4d_nhwc", False, "tensorflow")
+        == 0.8
+    )
+    assert (
+        run.target("train conv+cbn / conv+bn", "4d_nhwc", True, "tensorflow")
+        == 1.5
+    )
