@@ -95,9 +95,12 @@ def test_xla_formulations_benchmark_runs():
 
 def test_cbn_speed_benchmark_runs_and_reports(tmp_path):
     out = tmp_path / "cbn.json"
-    result = run_script("benchmarks/cbn_speed.py", "--tiny", "--json", str(out))
+    result = run_script(
+        "benchmarks/cbn_speed.py", "--tiny", "--profile", "--json", str(out)
+    )
     report = json.loads(out.read_text())
-    for kind in ("keras_bn", "keras_norms_bn", "cbn", "cbn_authors"):
+    kinds = ("keras_bn", "keras_norms_bn", "cbn", "cbn_authors", "conv")
+    for kind in kinds + ("cbn_k1", "cbn_zero_derivatives"):
         assert report[kind]["seconds"] > 0, report
         low, high = report[kind]["range"]
         assert 0 < low <= report[kind]["ratio"] <= high, report
