@@ -9,8 +9,10 @@ positions (M of them, or the unmasked ones):
 
 where `patch` is the input window that meets W at an output position (the
 input row for Dense). Both derivatives are kernel gradients of the linear
-map, computed here from strided input windows: one matmul per kernel offset,
-which is the work of one kernel gradient.
+map: for convolutions, each backend's own kernel-gradient op (TensorFlow's
+`conv*d_backprop_filter`, `torch.nn.grad.conv*d_weight`, XLA's through
+`jax.linear_transpose`), else strided input windows with one matmul per
+kernel offset, which is the work of one kernel gradient.
 """
 
 import itertools
