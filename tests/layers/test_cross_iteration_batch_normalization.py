@@ -645,3 +645,55 @@ def _check_kernel_gradient(case, gradient):
     print(f"largest relative error: {worst:.2e}")
     if not gradient:  # its earlier steps' terms are held constant
         assert worst > 1e-2, worst
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("case", ["dense_seq", "conv2d_same_s2"])
+def test_half_precision_computes_in_float32(case, policy):
+    """Under a mixed policy the wrapped layer's map, the moments and the
+    kernel derivatives are float32 (on each backend's fast path), with the
+    kernel as Keras's autocasting reads it inside a layer (rounded to the
+    half type, as the wrapped layer itself would use it): 3 steps with a
+    moving kernel leave every statistic and buffer as a float32 layer fed
+    the same half-rounded inputs and kernel leaves them, to 1e-5, and the
+    outputs agree to half precision."""
+    make, shape, _ = CASES[case]
+    rng = np.random.default_rng(0)
+    half = policy.split("_")[1]
+    xs = [
+        to_numpy(
+            keras.ops.cast(
+                keras.ops.cast(rng.normal(3.0, 2.0, size=shape), half),
+                "float32",
+            )
+        )
+        for _ in range(3)
+    ]
+    layers = {}
+    for name in (policy, "float32"):
+        keras.config.set_dtype_policy(name)
+        layers[name] = keras_norms.CBN(make(), window_size=2)
+        layers[name].build(shape)
+    keras.config.set_dtype_policy("float32")
+    mixed, single = layers[policy], layers["float32"]
+    kernel = to_numpy(single.layer.kernel)
+    for step, x in enumerate(xs):
+        moved = kernel * (1.0 + 0.1 * step)
+        rounded = keras.ops.cast(keras.ops.cast(moved, half), "float32")
+        mixed.layer.kernel.assign(moved)
+        single.layer.kernel.assign(rounded)
+        y = mixed(keras.ops.cast(x, half), training=True)
+        expected = single(x, training=True)
+        assert keras.backend.standardize_dtype(y.dtype) == half
+        np.testing.assert_allclose(
+            to_numpy(keras.ops.cast(y, "float32")),
+            to_numpy(expected),
+            atol=1e-2 if half == "float16" else 5e-2,
+        )
+    assert keras.backend.standardize_dtype(mixed.layer.kernel.dtype) == (
+        "float32"
+    )
+    for w_mixed, w_single in zip(mixed.weights, single.weights):
+        assert keras.backend.standardize_dtype(w_mixed.dtype) != half
+        if w_mixed is not mixed.layer.kernel:  # (not rounded)
+            assert_close(to_numpy(w_mixed), to_numpy(w_single), w_mixed.name)
