@@ -346,6 +346,10 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
         centered = inputs - ops.stop_gradient(mean)
         variance = ops.mean(ops.square(centered), axis=axes)
         return ops.squeeze(mean, axis=axes), variance, None
+    if backend.backend() == "torch":
+        fast = _torch_masked_moments(inputs, axes, mask)
+        if fast is not None:
+            return fast
     # `where`, not a product with the mask: padding may hold inf or NaN.
     weighted = ops.where(mask, inputs, 0.0)
     count = mask_count(mask, inputs, axes)
@@ -805,32 +809,74 @@ def _torch_fused_renormalization(inputs, correct, scale, offset, epsilon):
 def _torch_moments():
     """Differentiable batch moments of `(positions, features)` from torch's
     kernel (no gradient; `torch.var_mean` takes 14x as long on 32768 x
-    64), with their gradient written out: `d_mean / N + d_variance * 2 (x -
-    mean) / N`, one multiply-add per element. Defined once (cached)."""
+    64), with their gradient written out: `d_mean / N + (x - mean) * 2
+    d_variance / N`, a subtraction and a multiply-add per element (with the
+    subtraction folded into the multiply-add, float32 cancellation lost
+    the gradient where |mean| * d_variance is large).
+
+    With `keep` (one boolean per position), only the kept rows enter: they
+    are gathered for the kernel (what padding holds, inf or NaN included,
+    never reaches it) and the gradient is zero elsewhere. Fewer than two
+    kept rows (the kernel refuses one) give their sum and a zero variance:
+    the one row's own values, or zeros for an all-masked batch, as the
+    general path. Returns `(mean, variance, count)`. Defined once
+    (cached)."""
     import torch
 
     class Moments(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x):
-            with torch.no_grad():  # (1.0: the discarded output's)
-                _, mean, variance = _torch_fused_batch_norm(x, None, None, 1.0)
-            ctx.save_for_backward(x, mean)
-            return mean, variance
+        def forward(ctx, x, keep):
+            with torch.no_grad():
+                rows = x if keep is None else x[keep]
+                count = rows.shape[0]
+                if count > 1:  # (1.0: the discarded output's epsilon)
+                    _, mean, variance = _torch_fused_batch_norm(
+                        rows, None, None, 1.0
+                    )
+                else:
+                    mean = rows.sum(dim=0)
+                    variance = torch.zeros_like(mean)
+            ctx.save_for_backward(x, keep, mean)
+            ctx.count = max(count, 1)
+            count = torch.full((1,), count, dtype=x.dtype, device=x.device)
+            ctx.mark_non_differentiable(count)
+            return mean, variance, count
 
         @staticmethod
-        def backward(ctx, d_mean, d_variance):
-            x, mean = ctx.saved_tensors
-            positions = x.shape[0]
-            b = 2.0 * d_variance / positions
-            return torch.addcmul(d_mean / positions - mean * b, x, b)
+        def backward(ctx, d_mean, d_variance, _):
+            x, keep, mean = ctx.saved_tensors
+            b = 2.0 * d_variance / ctx.count
+            d_x = torch.addcmul(d_mean / ctx.count, x - mean, b)
+            if keep is not None:
+                d_x = torch.where(keep[:, None], d_x, 0.0)
+            return d_x, None
 
     return Moments.apply
+
+
+def _torch_masked_moments(inputs, axes, mask):
+    """`moments` with a mask on torch, from torch's kernel over the kept
+    positions (`_torch_moments`): where the features are the last axis,
+    every other axis is reduced and the mask does not vary along the
+    features (Keras's masks), in float32 or float64. `None` elsewhere. A
+    masked 32x100x256 layer call with its backward took 4.7 ms against
+    10.4 ms for the general path."""
+    ndim = len(inputs.shape)
+    if (
+        axes != tuple(range(ndim - 1))
+        or mask.shape[-1] != 1
+        or backend.standardize_dtype(inputs.dtype) not in ("float32", "float64")
+    ):
+        return None
+    keep = mask.expand(*inputs.shape[:-1], 1).reshape(-1)
+    return _torch_moments()(_torch_positions(inputs), keep)
 
 
 def _torch_fused_normalization(inputs, statistics, scale, offset, epsilon):
     """CBN's normalization on torch: the batch moments from torch's kernel
     (`_torch_moments`), `statistics` maps them, `normalize` applies."""
     x = _torch_positions(inputs)
-    mean, variance = statistics(*_torch_moments()(x))
+    mean, variance, _ = _torch_moments()(x, None)
+    mean, variance = statistics(mean, variance)
     outputs = normalize(x, mean, variance, scale, offset, epsilon, (1, -1))
     return outputs.reshape(inputs.shape)

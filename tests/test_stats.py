@@ -284,6 +284,91 @@ def test_fused_path_equals_general_path(make, shape, monkeypatch):
     assert fused_calls and all(fused_calls) == (BACKEND != "jax")
 
 
+def _kept(shape, kept):
+    """A Keras mask over `shape` without its last axis: "padded" keeps a
+    prefix of every sequence (at least one position each), "one" a single
+    position of the batch, "none" nothing."""
+    mask = np.zeros(shape[:-1], bool)
+    if kept == "padded":
+        lengths = np.random.default_rng(1).integers(1, shape[1] + 1, shape[0])
+        for row, length in enumerate(lengths):
+            mask[row, :length] = True
+    elif kept == "one":
+        mask[(1,) * mask.ndim] = True
+    return mask
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's kernel")
+@pytest.mark.parametrize("kept", ["padded", "one", "none"])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: keras_norms.BatchNormalization(momentum=0.8), (4, 6, 5)),
+        (lambda: keras_norms.BatchNormalization(momentum=0.8), (3, 4, 5, 2)),
+        (
+            lambda: keras_norms.BatchRenormalization(
+                rmax=1.5, dmax=0.5, renorm_momentum=0.5, momentum=0.8
+            ),
+            (4, 6, 5),
+        ),
+        (
+            lambda: keras_norms.CrossIterationBatchNormalization(
+                keras.layers.Dense(3, use_bias=False), window_size=3
+            ),
+            (4, 6, 5),
+        ),
+    ],
+    ids=["bn", "bn_4d", "brn", "cbn"],
+)
+def test_masked_kernel_moments_equal_general_path(
+    make, shape, kept, monkeypatch
+):
+    """On PyTorch, masked moments come from torch's kernel over the kept
+    positions (`_torch_masked_moments`); with it switched off, the general
+    path runs. Padding holds values far from the rest, which would move
+    the statistics if it entered them; with one position or none kept the
+    kernel cannot run and the moments are written out. Outputs, gradients
+    and every statistic agree over 3 steps."""
+    keras.utils.set_random_seed(0)
+    fast = make()
+    keras.utils.set_random_seed(0)
+    general = make()
+    fast.build(shape)
+    general.build(shape)
+    mask = _kept(shape, kept)
+    kernel_calls = []
+    real = _stats._torch_masked_moments
+
+    def spy(*args):
+        kernel_calls.append(real(*args))
+        return kernel_calls[-1]
+
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        x = rng.normal(step - 1.0, 0.5 + step % 2, size=shape)
+        x[~mask] = 1e3
+        x = x.astype("float32")
+        out_shape = fast.compute_output_shape(shape)
+        dy = rng.normal(size=out_shape)
+        monkeypatch.setattr(_stats, "_torch_masked_moments", spy)
+        y1, dx1, g1 = train_call(fast, x, dy, mask)
+        monkeypatch.setattr(_stats, "_torch_masked_moments", lambda *a: None)
+        y2, dx2, g2 = train_call(general, x, dy, mask)
+        assert_close_to_reference(y1, y2, f"outputs, step {step}")
+        assert_close_to_reference(dx1, dx2, f"input gradient, step {step}")
+        for name in g1:
+            assert_close_to_reference(g1[name], g2[name], f"{name}, {step}")
+        for w1, w2 in zip(
+            fast.non_trainable_weights, general.non_trainable_weights
+        ):
+            assert_close_to_reference(
+                to_numpy(w1), to_numpy(w2), f"{w1.name}, {step}"
+            )
+        sgd_update(fast, g1)
+        sgd_update(general, g2)
+    assert kernel_calls and all(c is not None for c in kernel_calls)
+
+
 @pytest.mark.parametrize(
     "shape,fused",
     [
