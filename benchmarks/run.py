@@ -223,7 +223,7 @@ DEFAULT_JIT = {"tensorflow": "off,on", "jax": "on", "torch": "off"}
 # Blocks per comparison: JAX's step-to-step spread on a CPU is wide (block
 # ratios of one comparison spread over 0.76-1.36 for 0.3 ms inference
 # steps), so it gets more.
-DEFAULT_REPEATS = {"tensorflow": 3, "jax": 9, "torch": 3}
+DEFAULT_REPEATS = {"tensorflow": 5, "jax": 9, "torch": 5}
 
 
 def target(label, case, jit_compile, backend):
@@ -276,7 +276,11 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke sizes")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
-        "--repeats", type=int, default=None, help="blocks per comparison"
+        "--repeats",
+        type=int,
+        default=None,
+        help="blocks per comparison (default: 5; 9 on JAX, whose step "
+        "times spread widely on a CPU)",
     )
     parser.add_argument("--cases", default=",".join(FULL))
     parser.add_argument(
@@ -511,8 +515,11 @@ def markdown_table(reports):
     lines.append(
         f"{', '.join(dates)}; {'; '.join(machines)}; Keras "
         f"{reports[0]['keras']}; loss {reports[0]['loss']}; "
-        f"{reports[0]['repeats']} blocks of {reports[0]['rounds']} "
-        "alternating steps."
+        + ", ".join(
+            f"{r['backend']} {r['repeats']} blocks of {r['rounds']}"
+            for r in reports
+        )
+        + " alternating steps."
     )
     return "\n".join(lines)
 

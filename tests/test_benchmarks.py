@@ -213,6 +213,7 @@ def test_markdown_table_and_verdicts():
         "1.02 [0.97-1.10], 0.99 [0.98-0.99] | 1.50, 0.50 |"
     )
     assert "2026-12-04; CPU X, 2 cores" in table[-1]
+    assert table[-1].endswith("jax 2 blocks of 5 alternating steps.")
     assert run.verdict(0.99, [0.9, 1.2], 1.0) == "ok"
     assert run.verdict(1.02, [0.99, 1.2], 1.0) == "noise"
     assert run.verdict(1.02, [1.01, 1.2], 1.0) == "MISSED"
