@@ -73,7 +73,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         burnin_steps: Training steps of plain batch normalization before
             earlier steps are used. Defaults to `0`.
         compensation: If `False`, earlier statistics are averaged without the
-            Taylor compensation. Defaults to `True`.
+            Taylor compensation (and the kernel derivatives it needs are
+            not computed; their buffers keep zeros). Defaults to `True`.
         compensation_gradient: If `True`, the loss's gradient with respect
             to the kernel includes how the compensated earlier statistics
             move with it (their Taylor terms are linear in the kernel). If
@@ -357,12 +358,15 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         (constants).
 
         Returns `(mean, variance, count, dmu, dnu)`, `count` None without a
-        mask, `dmu`/`dnu` None when `window_size == 1`. With `synchronized`,
+        mask, `dmu`/`dnu` None when `window_size == 1` or without
+        `compensation`. With `synchronized`,
         all are over the global batch, from one all-reduce of the replicas'
         sums.
         """
         sums = ()
-        if self.window_size > 1:  # d mu / d W and d nu / d W are sums / count
+        if self.window_size > 1 and self.compensation:
+            # d mu / d W and d nu / d W are sums / count (not needed by
+            # the uncompensated average).
             sums = _linear.statistic_gradients(
                 self.layer,
                 ops.stop_gradient(inputs),
@@ -406,19 +410,19 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         or inf): one window position holds one step for every channel,
         whose shared `dmu` is not finite whenever the input is not."""
         push = ops.logical_and(step >= self.burnin_steps, ops.all(update))
-        push = ops.logical_and(
-            push,
-            ops.logical_and(
-                ops.all(ops.isfinite(dmu)), ops.all(ops.isfinite(dnu))
-            ),
-        )
-        values = (
+        values = [
             (self.past_kernel, ops.stop_gradient(kernel)),
-            (self.past_dmu, dmu),
-            (self.past_dnu, dnu),
             (self.past_mu, ops.stop_gradient(mean)),
             (self.past_nu, ops.stop_gradient(variance + ops.square(mean))),
-        )
+        ]
+        if dmu is not None:  # (without `compensation`, none are computed)
+            push = ops.logical_and(
+                push,
+                ops.logical_and(
+                    ops.all(ops.isfinite(dmu)), ops.all(ops.isfinite(dnu))
+                ),
+            )
+            values += [(self.past_dmu, dmu), (self.past_dnu, dnu)]
         for buffer, value in values:
             old = buffer.value
             new = ops.concatenate(

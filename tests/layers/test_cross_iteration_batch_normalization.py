@@ -203,10 +203,21 @@ def test_matches_paper_reference(
     assert apart > 1e-2, apart
 
 
-def test_uncompensated_averaging_ignores_compensation_gradient():
+def test_uncompensated_averaging_ignores_compensation_gradient(monkeypatch):
     """`compensation=False`: nothing depends on the earlier kernels, so
     the gradient convention makes no difference (reference: the naive
-    average of the paper's baseline)."""
+    average of the paper's baseline), and the kernel derivatives that only
+    the compensation reads are never computed."""
+    from keras_norms import _linear
+
+    derivative_calls = []
+    real = _linear.statistic_gradients
+
+    def spy(*args):
+        derivative_calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(_linear, "statistic_gradients", spy)
     make, shape, _ = CASES["conv2d_same_s1"]
     rng = np.random.default_rng(3)
     layers = []
@@ -243,6 +254,10 @@ def test_uncompensated_averaging_ignores_compensation_gradient():
                 grads["kernel"].reshape(-1, channels), rdw, f"step {step}"
             )
     assert np.all(uses == 3)
+    assert not derivative_calls
+    compensated = keras_norms.CBN(make(), window_size=4)
+    train_call(compensated, x, dy)
+    assert len(derivative_calls) == 1  # (the spy is in place)
 
 
 def test_channels_first_equals_channels_last():
