@@ -9,6 +9,7 @@ import keras_norms
 from keras_norms import _stats
 from tests import references
 from tests.helpers import BACKEND
+from tests.helpers import assert_close
 from tests.helpers import assert_close_to_reference
 from tests.helpers import sgd_update
 from tests.helpers import to_numpy
@@ -395,6 +396,86 @@ def test_masked_kernel_moments_have_second_derivatives(monkeypatch):
     general = penalty_gradients(lambda *a: None)
     assert_close_to_reference(fast[0], general[0], "input, second order")
     assert_close_to_reference(fast[1], general[1], "gamma, second order")
+
+
+def _masked_model(make_layers):
+    inputs = keras.Input((6, 5))
+    x = keras.layers.Masking()(inputs)
+    for layer in make_layers():
+        x = layer(x)
+    return keras.Model(inputs, x)
+
+
+def _torch_compile_layers():
+    return [
+        keras.layers.Dense(4, use_bias=False),
+        keras_norms.BatchNormalization(momentum=0.5),
+        keras_norms.BatchRenormalization(rmax=1.5, dmax=0.5, momentum=0.5),
+        keras_norms.CrossIterationBatchNormalization(
+            keras.layers.Dense(3, use_bias=False), window_size=2
+        ),
+    ]
+
+
+def _sequences():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, size=(8, 6, 5)).astype("float32")
+    x[:4, 4:] = 0.0  # padding, masked by `Masking`
+    return x, rng.normal(size=(8, 6, 3)).astype("float32")
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's torch.compile")
+@pytest.mark.parametrize("masked", [True, False])
+def test_torch_compile_takes_the_general_path(masked, monkeypatch):
+    """Under `torch.compile` the moments that an autograd Function takes
+    from torch's kernel (masked: BN, BRN, CBN; unmasked: CBN) come from the
+    general path, whose graph does not break; the numbers are the same."""
+    x, y = _sequences()
+    if not masked:
+        x[:4, 4:] = 1.0  # nothing is masked
+    trained = []
+    for compiling in (False, True):
+        monkeypatch.setattr(_stats, "_torch_compiling", lambda: compiling)
+        calls = []
+        real = _stats._torch_moments
+        monkeypatch.setattr(
+            _stats, "_torch_moments", lambda: calls.append(1) or real()
+        )
+        keras.utils.set_random_seed(0)
+        model = _masked_model(_torch_compile_layers)
+        model.compile("sgd", "mse")
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        assert bool(calls) != compiling, (compiling, len(calls))
+        trained.append([to_numpy(w) for w in model.weights])
+    for eager, compiled in zip(*trained):
+        assert_close(compiled, eager, "weights")
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's torch.compile")
+def test_fit_with_jit_compile_on_torch():
+    """`jit_compile=True` on PyTorch (`torch.compile`): BN and BRN on
+    masked sequences train to the same weights as eagerly, and dynamo warns
+    about none of this package's code (the graph broke at the masked
+    moments' autograd Function before). CBN is not here: compiled, it
+    drifts from eager training by 1e-3 in 4 steps, also without the
+    compensation and before this path existed (not yet understood)."""
+    import warnings
+
+    x, _ = _sequences()
+    y = np.random.default_rng(1).normal(size=(8, 6, 4)).astype("float32")
+    trained = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        model = _masked_model(lambda: _torch_compile_layers()[:3])
+        model.compile("sgd", "mse", jit_compile=jit)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        ours = [str(w.message) for w in caught if "_stats.py" in str(w.message)]
+        assert not ours, ours
+        trained.append([to_numpy(w) for w in model.weights])
+    for eager, compiled in zip(*trained):  # (inductor sums in its own order)
+        assert_close(compiled, eager, "weights", rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize(
