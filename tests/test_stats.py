@@ -445,10 +445,10 @@ def test_torch_compile_takes_the_general_path(masked, monkeypatch):
     if not masked:
         x[:4, 4:] = 1.0  # nothing is masked
     trained = []
+    real = _stats._torch_moments
     for compiling in (False, True):
         monkeypatch.setattr(_stats, "_torch_compiling", lambda: compiling)
         calls = []
-        real = _stats._torch_moments
         monkeypatch.setattr(
             _stats, "_torch_moments", lambda: calls.append(1) or real()
         )
