@@ -14,42 +14,6 @@ from keras import backend
 from keras import ops
 
 
-def check_number(name, value, accepted):
-    """`value` as a float, or a TypeError naming `name` and the `accepted`
-    values (a phrase such as "in [0, 1)") when it is not a number. Strings
-    and bools are not numbers here, though `float()` would take them."""
-    if not isinstance(value, (str, bytes, bool)):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    raise TypeError(
-        f"Argument `{name}` must be a number {accepted}. "
-        f"Received: {name}={value!r}"
-    )
-
-
-def check_bool(name, value):
-    """`value` if it is True or False (a NumPy bool too), else a
-    TypeError naming `name`: `bool()` would take `"no"` for True."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"Argument `{name}` must be True or False. "
-            f"Received: {name}={value!r}"
-        )
-    return bool(value)
-
-
-def check_unit_interval(name, value):
-    """Coerces `value` to float and checks that it lies in [0, 1)."""
-    value = check_number(name, value, "in [0, 1)")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"Argument `{name}` must be in [0, 1). Received: {name}={value}"
-        )
-    return value
-
-
 def canonicalize_axes(axis, ndim=None, arg_name="axis"):
     """Returns the feature axes as a sorted tuple of non-negative ints.
 

@@ -9,7 +9,7 @@ from keras import constraints
 from keras import initializers
 from keras import regularizers
 
-from keras_norms import _stats
+from keras_norms import _checks
 
 ARGUMENTS = (
     "momentum",
@@ -39,18 +39,18 @@ def _module(name):
 class NormalizationParameters:
     def init_parameters(self, **arguments):
         """Validates and resolves the ARGUMENTS given as keywords."""
-        self.momentum = _stats.check_unit_interval(
+        self.momentum = _checks.check_unit_interval(
             "momentum", arguments.pop("momentum")
         )
         epsilon = arguments.pop("epsilon")
-        self.epsilon = _stats.check_number("epsilon", epsilon, "> 0")
+        self.epsilon = _checks.check_number("epsilon", epsilon, "> 0")
         if not 0.0 < self.epsilon < float("inf"):
             raise ValueError(
                 f"Argument `epsilon` must be positive and finite. Received: "
                 f"epsilon={epsilon}"
             )
-        self.center = _stats.check_bool("center", arguments.pop("center"))
-        self.scale = _stats.check_bool("scale", arguments.pop("scale"))
+        self.center = _checks.check_bool("center", arguments.pop("center"))
+        self.scale = _checks.check_bool("scale", arguments.pop("scale"))
         for name, value in arguments.items():
             setattr(self, name, _module(name).get(value))
         self.gamma = None

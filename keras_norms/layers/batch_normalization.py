@@ -5,6 +5,7 @@ from keras.layers import InputSpec
 from keras.layers import Layer
 from keras.saving import register_keras_serializable
 
+from keras_norms import _checks
 from keras_norms import _stats
 from keras_norms.layers._parameters import NormalizationParameters
 
@@ -151,7 +152,7 @@ class BatchNormalization(NormalizationParameters, Layer):
             beta_constraint=beta_constraint,
             gamma_constraint=gamma_constraint,
         )
-        self.synchronized = _stats.check_bool("synchronized", synchronized)
+        self.synchronized = _checks.check_bool("synchronized", synchronized)
         self.supports_masking = True
 
     # Whether `update_statistics` returns a correction (r, d).
@@ -291,7 +292,7 @@ class BatchNormalization(NormalizationParameters, Layer):
 
 def _check_keras_renorm_arguments(renorm, renorm_clipping, renorm_momentum):
     """Keras's renormalization arguments, accepted when they ask for none."""
-    if _stats.check_bool("renorm", renorm):
+    if _checks.check_bool("renorm", renorm):
         raise ValueError(
             "keras_norms.BatchNormalization does not renormalize. Received: "
             "renorm=True. Use keras_norms.BatchRenormalization (its `rmax`, "
@@ -303,4 +304,4 @@ def _check_keras_renorm_arguments(renorm, renorm_clipping, renorm_momentum):
             "Argument `renorm_clipping` must be None or a dict. Received: "
             f"renorm_clipping={renorm_clipping!r}"
         )
-    _stats.check_unit_interval("renorm_momentum", renorm_momentum)
+    _checks.check_unit_interval("renorm_momentum", renorm_momentum)

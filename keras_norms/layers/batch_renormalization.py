@@ -6,6 +6,7 @@ from keras.metrics import Metric
 from keras.saving import register_keras_serializable
 from keras.src.backend import get_stateless_scope
 
+from keras_norms import _checks
 from keras_norms import _stats
 from keras_norms.layers.batch_normalization import BatchNormalization
 
@@ -184,7 +185,7 @@ class BatchRenormalization(BatchNormalization):
                 )
         self.rmax, self.rmin = check_clipping(rmax, rmin)
         self.dmax = check_dmax("dmax", dmax)
-        self.renorm_momentum = _stats.check_unit_interval(
+        self.renorm_momentum = _checks.check_unit_interval(
             "renorm_momentum", renorm_momentum
         )
         self._rmax_schedule = None
@@ -451,7 +452,7 @@ def _clipping_from_keras(config):
     config; returns the `rmax`, `rmin`, `dmax` arguments they mean."""
     renorm = config.pop("renorm", True)
     clipping = config.pop("renorm_clipping", None)
-    if not _stats.check_bool("renorm", renorm):
+    if not _checks.check_bool("renorm", renorm):
         return {}
     clipping = dict(clipping or {})
     keys = ("rmax", "rmin", "dmax")
@@ -477,7 +478,7 @@ def _clipping_from_keras(config):
 
 def check_rmax(name, value):
     """Coerces a constant `rmax` to float and checks that it is >= 1."""
-    value = _stats.check_number(name, value, "at least 1")
+    value = _checks.check_number(name, value, "at least 1")
     if not value >= 1.0:
         raise ValueError(
             f"Argument `{name}` must be at least 1 (r is clipped to "
@@ -491,8 +492,8 @@ def check_clipping(rmax, rmin):
     0 <= rmin <= rmax."""
     if rmin is None:
         return check_rmax("rmax", rmax), None
-    rmax = _stats.check_number("rmax", rmax, "at least `rmin`")
-    rmin = _stats.check_number("rmin", rmin, "in [0, rmax], or None")
+    rmax = _checks.check_number("rmax", rmax, "at least `rmin`")
+    rmin = _checks.check_number("rmin", rmin, "in [0, rmax], or None")
     if not 0.0 <= rmin <= rmax:  # NaN fails too
         raise ValueError(
             "Arguments `rmin` and `rmax` must satisfy 0 <= rmin <= rmax (r "
@@ -504,7 +505,7 @@ def check_clipping(rmax, rmin):
 
 def check_dmax(name, value):
     """Coerces a constant `dmax` to float and checks that it is >= 0."""
-    value = _stats.check_number(name, value, "at least 0")
+    value = _checks.check_number(name, value, "at least 0")
     if not value >= 0.0:
         raise ValueError(
             f"Argument `{name}` must be at least 0 (d is clipped to "

@@ -7,6 +7,7 @@ from keras.layers import Layer
 from keras.layers import Wrapper
 from keras.saving import register_keras_serializable
 
+from keras_norms import _checks
 from keras_norms import _linear
 from keras_norms import _stats
 from keras_norms.layers._parameters import NormalizationParameters
@@ -165,8 +166,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         super().__init__(layer, **kwargs)
         self.window_size = _check_int("window_size", window_size, 1)
         self.burnin_steps = _check_int("burnin_steps", burnin_steps, 0)
-        self.compensation = _stats.check_bool("compensation", compensation)
-        self.compensation_gradient = _stats.check_bool(
+        self.compensation = _checks.check_bool("compensation", compensation)
+        self.compensation_gradient = _checks.check_bool(
             "compensation_gradient", compensation_gradient
         )
         self.init_parameters(
@@ -183,7 +184,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             beta_constraint=beta_constraint,
             gamma_constraint=gamma_constraint,
         )
-        self.synchronized = _stats.check_bool("synchronized", synchronized)
+        self.synchronized = _checks.check_bool("synchronized", synchronized)
         self.supports_masking = _linear.is_dense(layer)
 
     def build(self, input_shape):
