@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 import keras_norms
+from keras_norms import _axes
 from keras_norms import _stats
 from tests import references
 from tests.helpers import BACKEND
@@ -21,8 +22,8 @@ from tests.helpers import train_call
     [(-1, 3, (2,)), (1, 4, (1,)), ([3, -3], 4, (1, 3)), ((0,), 2, (0,))],
 )
 def test_canonicalize_axes(axis, ndim, expected):
-    assert _stats.canonicalize_axes(axis, ndim) == expected
-    assert _stats.reduction_axes(expected, ndim) == tuple(
+    assert _axes.canonicalize_axes(axis, ndim) == expected
+    assert _axes.reduction_axes(expected, ndim) == tuple(
         a for a in range(ndim) if a not in expected
     )
 
@@ -32,7 +33,7 @@ def test_canonicalize_axes(axis, ndim, expected):
 )
 def test_canonicalize_axes_refuses(axis, error):
     with pytest.raises(error, match="axis"):
-        _stats.canonicalize_axes(axis, 3)
+        _axes.canonicalize_axes(axis, 3)
 
 
 MASKS = ["none", "keras", "broadcast", "full"]
@@ -71,11 +72,11 @@ def test_moments_match_numpy(shape, feature_axes, kind):
     # A mean far larger than the spread: the two-pass variance keeps it.
     x = rng.normal(1000.0, 0.5, size=shape).astype("float32")
     mask = _mask(rng, shape, feature_axes, kind)
-    axes = _stats.reduction_axes(feature_axes, len(shape))
+    axes = _axes.reduction_axes(feature_axes, len(shape))
     x = ops.convert_to_tensor(x)
     keep = None
     if mask is not None:
-        keep = _stats.broadcast_mask(ops.convert_to_tensor(mask), x)
+        keep = _axes.broadcast_mask(ops.convert_to_tensor(mask), x)
     mean, var, count = _stats.moments(x, axes, keep)
     rmean, rvar, rcount = references.batch_moments(x, mask, feature_axes)
     np.testing.assert_allclose(to_numpy(mean), rmean, rtol=1e-6)
@@ -93,14 +94,14 @@ def test_synchronized_moments_match_numpy(shape, feature_axes, kind):
     rng = np.random.default_rng(0)
     x = rng.normal(1000.0, 0.5, size=shape).astype("float32")
     mask = _mask(rng, shape, feature_axes, kind)
-    axes = _stats.reduction_axes(feature_axes, len(shape))
+    axes = _axes.reduction_axes(feature_axes, len(shape))
     rmean, rvar, rcount = references.batch_moments(x, mask, feature_axes)
     shift = (rmean + rng.normal(0.0, 0.1, size=rmean.shape)).astype("float32")
     extra = rng.normal(size=(2, 3)).astype("float32")
     x = ops.convert_to_tensor(x)
     keep = None
     if mask is not None:
-        keep = _stats.broadcast_mask(ops.convert_to_tensor(mask), x)
+        keep = _axes.broadcast_mask(ops.convert_to_tensor(mask), x)
     mean, var, count, sums = _stats.synchronized_moments(
         x,
         axes,
@@ -116,7 +117,7 @@ def test_synchronized_moments_match_numpy(shape, feature_axes, kind):
 
 def test_moments_of_an_all_masked_batch_are_zero():
     x = ops.ones((2, 3, 4))
-    keep = _stats.broadcast_mask(ops.zeros((2, 3), "bool"), x)
+    keep = _axes.broadcast_mask(ops.zeros((2, 3), "bool"), x)
     mean, var, count = _stats.moments(x, (0, 1), keep)
     np.testing.assert_array_equal(to_numpy(mean), np.zeros(4))
     np.testing.assert_array_equal(to_numpy(var), np.zeros(4))
@@ -135,7 +136,7 @@ def test_moments_of_an_all_masked_batch_are_zero():
 )
 def test_broadcast_mask_reads_masks_as_keras(input_shape, mask_shape, expected):
     x = ops.ones(input_shape)
-    keep = _stats.broadcast_mask(ops.ones(mask_shape, "bool"), x)
+    keep = _axes.broadcast_mask(ops.ones(mask_shape, "bool"), x)
     assert tuple(keep.shape) == (expected or mask_shape + (1,))
     assert keras.backend.standardize_dtype(keep.dtype) == "bool"
 
@@ -152,7 +153,7 @@ def test_broadcast_mask_reads_masks_as_keras(input_shape, mask_shape, expected):
 )
 def test_broadcast_mask_refuses_other_shapes(input_shape, mask_shape):
     with pytest.raises(ValueError, match="without the last axis") as info:
-        _stats.broadcast_mask(
+        _axes.broadcast_mask(
             ops.ones(mask_shape, "bool"), ops.ones(input_shape)
         )
     assert f"mask.shape={mask_shape}" in str(info.value)

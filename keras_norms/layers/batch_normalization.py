@@ -5,6 +5,7 @@ from keras.layers import InputSpec
 from keras.layers import Layer
 from keras.saving import register_keras_serializable
 
+from keras_norms import _axes
 from keras_norms import _checks
 from keras_norms import _stats
 from keras_norms.layers._parameters import NormalizationParameters
@@ -132,7 +133,7 @@ class BatchNormalization(NormalizationParameters, Layer):
         super().__init__(**kwargs)
         _check_keras_renorm_arguments(renorm, renorm_clipping, renorm_momentum)
         # Types are checked now, ranges against the input rank in build.
-        _stats.canonicalize_axes(axis)
+        _axes.canonicalize_axes(axis)
         # Python ints in the config (NumPy integers are accepted).
         if isinstance(axis, (list, tuple)):
             self.axis = [int(a) for a in axis]
@@ -165,8 +166,8 @@ class BatchNormalization(NormalizationParameters, Layer):
                 f"{self.__class__.__name__} needs inputs of rank 2 or more. "
                 f"Received: input_shape={input_shape}"
             )
-        self._feature_axes = _stats.canonicalize_axes(self.axis, ndim)
-        self._reduction_axes = _stats.reduction_axes(self._feature_axes, ndim)
+        self._feature_axes = _axes.canonicalize_axes(self.axis, ndim)
+        self._reduction_axes = _axes.reduction_axes(self._feature_axes, ndim)
         for a in self._feature_axes:
             if input_shape[a] is None:
                 raise ValueError(
@@ -174,7 +175,7 @@ class BatchNormalization(NormalizationParameters, Layer):
                     f"size. Received: input_shape={input_shape}, "
                     f"axis={self.axis}"
                 )
-        self._broadcast_shape = _stats.broadcast_shape(
+        self._broadcast_shape = _axes.broadcast_shape(
             input_shape, self._feature_axes
         )
         shape = tuple(input_shape[a] for a in self._feature_axes)
@@ -195,7 +196,7 @@ class BatchNormalization(NormalizationParameters, Layer):
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None:
-            mask = _stats.broadcast_mask(mask, inputs)
+            mask = _axes.broadcast_mask(mask, inputs)
         inputs = ops.cast(inputs, _stats.compute_dtype_for(inputs))
         dtype = inputs.dtype
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
@@ -242,7 +243,7 @@ class BatchNormalization(NormalizationParameters, Layer):
             _stats.positions_layout_helps()
         ):
             input_shape = ops.shape(inputs)
-            inputs, mask = _stats.as_positions(inputs, mask)
+            inputs, mask = _axes.as_positions(inputs, mask)
             axes, shape = (0,), (1, inputs.shape[-1])
         mean, variance, count = _stats.moments(
             inputs,

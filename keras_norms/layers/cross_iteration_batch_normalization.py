@@ -7,6 +7,7 @@ from keras.layers import Layer
 from keras.layers import Wrapper
 from keras.saving import register_keras_serializable
 
+from keras_norms import _axes
 from keras_norms import _checks
 from keras_norms import _linear
 from keras_norms import _stats
@@ -197,8 +198,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         # input that does not fit is refused in Keras's words.
         self.input_spec = self.layer.input_spec
         self._channel_axis = channel_axis
-        self._reduction_axes = _stats.reduction_axes((channel_axis,), ndim)
-        self._broadcast_shape = _stats.broadcast_shape(
+        self._reduction_axes = _axes.reduction_axes((channel_axis,), ndim)
+        self._broadcast_shape = _axes.broadcast_shape(
             output_shape, (channel_axis,)
         )
         channels = output_shape[channel_axis]
@@ -246,7 +247,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                     "Argument `mask` is only supported when the wrapped "
                     "layer is a Dense layer."
                 )
-            mask = _stats.broadcast_mask(mask, linear)
+            mask = _axes.broadcast_mask(mask, linear)
             if mask.shape[self._channel_axis] != 1:
                 # One window position holds one step for every channel.
                 raise ValueError(

@@ -12,6 +12,7 @@ import numpy as np
 from keras import backend
 from keras import ops
 
+from keras_norms import _axes
 from keras_norms import _linear
 from keras_norms import _stats
 from keras_norms.layers import BatchNormalization
@@ -427,7 +428,7 @@ def _normalized(layer, inputs, mask):
     values = np.asarray(ops.convert_to_numpy(inputs), np.float64)
     keep = np.ones(values.shape, bool)
     if mask is not None:  # Keras's convention, as every layer reads it
-        keep = _stats.broadcast_mask(ops.convert_to_tensor(mask), inputs)
+        keep = _axes.broadcast_mask(ops.convert_to_tensor(mask), inputs)
         keep = np.broadcast_to(ops.convert_to_numpy(keep), values.shape)
     return _per_feature(values, axes), _per_feature(keep, axes)
 
