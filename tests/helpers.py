@@ -140,6 +140,27 @@ def assert_close(actual, expected, what, rtol=1e-5, atol=1e-6):
     )
 
 
+# Half a unit in the last place, relative: the most that rounding a value
+# once to the type moves it.
+UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def assert_rounded_once(actual, expected, half, what="output"):
+    """A half-precision result computed in float32 and rounded once to
+    `half`: each element within half a unit in the last place of the
+    float32 result `expected` (2**-11 relative for float16, 2**-8 for
+    bfloat16), plus 1e-5 for float32's own error. Arithmetic in `half`
+    before the final rounding (e.g. the normalization's affine: 7e-3 to
+    7e-2 relative for float16, 4e-2 and more for bfloat16) fails it."""
+    np.testing.assert_allclose(
+        to_numpy(ops.cast(actual, "float32")),
+        expected,
+        rtol=UNIT_ROUNDOFF[half],
+        atol=1e-5,
+        err_msg=what,
+    )
+
+
 def random_mask(shape, feature_axes, seed=1, keep=0.6):
     """A random boolean mask over the non-feature axes of `shape`, in
     Keras's convention: `shape` without its last axis when the features are
