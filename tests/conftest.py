@@ -27,9 +27,9 @@ def kernel_path(request, monkeypatch):
     features last can take: on TensorFlow the fused kernel (whatever the
     input's size) and the general path; elsewhere only the general path
     exists. Tests use small inputs, which TensorFlow otherwise trains on the
-    general path (`_stats.FUSE_ABOVE_SIZE`)."""
-    from keras_norms import _stats
+    general path (`_backend.tensorflow.FUSE_ABOVE_SIZE`)."""
+    from keras_norms._backend import tensorflow as tensorflow_backend
 
     size = 0 if request.param == "fused" else float("inf")
-    monkeypatch.setattr(_stats, "FUSE_ABOVE_SIZE", size)
+    monkeypatch.setattr(tensorflow_backend, "FUSE_ABOVE_SIZE", size)
     return request.param

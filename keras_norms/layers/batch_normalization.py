@@ -6,6 +6,7 @@ from keras.layers import Layer
 from keras.saving import register_keras_serializable
 
 from keras_norms import _axes
+from keras_norms import _backend
 from keras_norms import _checks
 from keras_norms import _stats
 from keras_norms.layers._parameters import NormalizationParameters
@@ -211,7 +212,7 @@ class BatchNormalization(NormalizationParameters, Layer):
                 self.epsilon,
                 self._feature_axes,
             )
-        elif mask is None and _stats.can_fuse(
+        elif mask is None and _backend.can_fuse(
             inputs, self._feature_axes, self.synchronized
         ):
             # TensorFlow's fused kernel (large inputs, not under XLA): one
@@ -219,12 +220,12 @@ class BatchNormalization(NormalizationParameters, Layer):
             # gradient (a train step 0.72x Keras's BN on 32x32x32x64, 0.56x
             # with the input gradient; README, "Speed").
             if not self._renormalizes:
-                outputs, mean, variance = _stats.fused_batch_norm(
+                outputs, mean, variance = _backend.fused_batch_norm(
                     inputs, gamma, beta, self.epsilon
                 )
                 self.update_statistics(mean, variance, None)
             else:  # r and d need the moments: applied after the kernel
-                outputs = _stats.fused_renormalization(
+                outputs = _backend.fused_renormalization(
                     inputs,
                     lambda m, v: self.update_statistics(m, v, None),
                     gamma,
@@ -240,7 +241,7 @@ class BatchNormalization(NormalizationParameters, Layer):
         axes, shape = self._reduction_axes, self._broadcast_shape
         input_shape = None
         if self._feature_axes == (len(inputs.shape) - 1,) and (
-            _stats.positions_layout_helps()
+            _backend.positions_layout_helps()
         ):
             input_shape = ops.shape(inputs)
             inputs, mask = _axes.as_positions(inputs, mask)

@@ -8,8 +8,10 @@ from keras.layers import Wrapper
 from keras.saving import register_keras_serializable
 
 from keras_norms import _axes
+from keras_norms import _backend
 from keras_norms import _checks
 from keras_norms import _linear
+from keras_norms import _reductions
 from keras_norms import _stats
 from keras_norms.layers._parameters import NormalizationParameters
 
@@ -270,14 +272,14 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 (self._channel_axis,),
             )
             return ops.cast(outputs, self.compute_dtype)
-        if mask is None and _stats.can_fuse(
+        if mask is None and _backend.can_fuse(
             linear, (self._channel_axis,), self.synchronized
         ):
             # TensorFlow's fused kernels (large inputs, not under XLA): the
             # batch moments from the training-mode kernel, the output from
             # the inference-mode one with the averaged statistics, and a
             # closed-form gradient (README, "Speed").
-            outputs = _stats.fused_normalization(
+            outputs = _backend.fused_normalization(
                 linear,
                 lambda m, v: self._training_statistics(
                     inputs, linear, kernel, None, moments=(m, v)
@@ -378,8 +380,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             )
         if moments is not None:
             (mean, variance), count, total = moments, None, None
-        elif self.synchronized or _stats.global_batch_program():
-            mean, variance, total, sums = _stats.synchronized_moments(
+        elif self.synchronized or _backend.global_batch_program():
+            mean, variance, total, sums = _reductions.synchronized_moments(
                 outputs,
                 self._reduction_axes,
                 mask,

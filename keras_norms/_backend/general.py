@@ -1,0 +1,41 @@
+"""Any other Keras backend (numpy, openvino): no fast path, every case
+takes the general `keras.ops` path.
+
+Private module, imported by `_backend` on a backend without a module of
+its own.
+"""
+
+
+def positions_layout_helps():
+    """Yes, as on TensorFlow and PyTorch (one 2-D reduction)."""
+    return True
+
+
+def can_fuse(inputs):
+    """False: no batch-norm kernel."""
+    return False
+
+
+def masked_moments(inputs, axes, mask):
+    """None: masked moments take the general path."""
+    return None
+
+
+def normalize_with(inputs, mean, variance, scale, offset, epsilon, axes):
+    """None: inference takes the general path (`_stats.normalize`)."""
+    return None
+
+
+def multiply_add(inputs, scale, offset):
+    """`inputs * scale + offset`."""
+    return inputs * scale + offset
+
+
+def replica_sum():
+    """None: no replicas to synchronize with."""
+    return None
+
+
+def global_batch_program():
+    """False."""
+    return False
