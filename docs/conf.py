@@ -32,7 +32,8 @@ exclude_patterns = ["_build", "*.json"]
 myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]
 
-# Docstrings are Keras's Google style.
+# Docstrings are Keras's Google style, with `name` for code.
+default_role = "code"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_custom_sections = [
