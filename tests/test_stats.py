@@ -73,7 +73,8 @@ def _assert_counts(count, rcount, mask):
 )
 def test_moments_match_numpy(shape, feature_axes, kind):
     rng = np.random.default_rng(0)
-    # A mean far larger than the spread: the two-pass variance keeps it.
+    # A mean far larger than the spread: the two-pass variance keeps it to
+    # 1e-6 (3e-7 on each backend); E[x^2] - E[x]^2 is off by 0.4 to 0.7.
     x = rng.normal(1000.0, 0.5, size=shape).astype("float32")
     mask = _mask(rng, shape, feature_axes, kind)
     axes = _axes.reduction_axes(feature_axes, len(shape))
