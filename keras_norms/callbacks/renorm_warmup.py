@@ -1,5 +1,7 @@
 """The warm-up of Batch Renormalization's clipping, as a `fit()` callback."""
 
+import warnings
+
 import keras
 from keras import ops
 from keras.callbacks import Callback
@@ -63,6 +65,16 @@ class RenormWarmup(Callback):
     goes 1 -> 3 between steps 5,000 and 40,000 and `dmax` 0 -> 5 between
     steps 5,000 and 25,000, the paper's schedule.
 
+    That default suits a run of tens of thousands of steps: a `fit()` that
+    ends by step 5,000 trains as plain batch normalization throughout. When
+    every step a `fit()` plans to take comes before the warm-up begins (the
+    optimizer's iterations when it starts, plus its epochs times its steps
+    per epoch; a resumed run counts from where it stopped), the callback
+    warns: a `UserWarning`, once per `fit()`, naming the steps and a
+    schedule that fits the run. It cannot tell, and stays silent, when the
+    steps per epoch are unknown (a generator without `steps_per_epoch`) or
+    a schedule is a callable.
+
     The step is the optimizer's iteration count. The schedule is evaluated
     *inside* each layer's training call from the layer's own step variable,
     which this callback sets to `model.optimizer.iterations` when training
@@ -103,9 +115,9 @@ class RenormWarmup(Callback):
             `5.0`.
         rmax_steps: `(begin, end)`: `rmax` is 1 up to step `begin` and
             reaches its final value at step `end`. Defaults to
-            `(5000, 40000)`.
+            `(5000, 40000)`, the paper's: pass steps that fit your run.
         dmax_steps: `(begin, end)` for `dmax`, from 0. Defaults to
-            `(5000, 25000)`.
+            `(5000, 25000)`, the paper's.
         layers: `None` (every `BatchRenormalization` in the model, nested
             models and wrappers included) or a list of those layers or of
             their names.
@@ -116,6 +128,9 @@ class RenormWarmup(Callback):
     Example:
 
     >>> import keras_norms
+    >>> # Steps that fit a run of a few thousand: with the defaults (ramps
+    >>> # from step 5,000), a fit() that ends by step 5,000 trains as plain
+    >>> # batch normalization, and the callback warns.
     >>> warmup = keras_norms.callbacks.RenormWarmup(
     ...     rmax_steps=(500, 4000), dmax_steps=(500, 2500))
     >>> # model.fit(x, y, callbacks=[warmup])  # logs "rmax", "dmax"
@@ -161,6 +176,7 @@ class RenormWarmup(Callback):
         self._fit = None  # the History of that fit()
         self._log = None  # its ClippingLog, while it reports
         self._paused = False  # during validation
+        self._first_step = None  # until the fit()'s first epoch begins
 
     @property
     def log_keys(self):
@@ -217,12 +233,13 @@ class RenormWarmup(Callback):
                 )
         self._fit = getattr(model, "history", None)
         self._check_others(chosen)
-        iterations = ops.convert_to_numpy(model.optimizer.iterations)
+        iterations = int(ops.convert_to_numpy(model.optimizer.iterations))
         rmax, dmax = self.schedules()
         for layer in chosen:
-            layer.step.assign(int(iterations))
+            layer.step.assign(iterations)
             layer.set_clipping_schedule(rmax=rmax, dmax=dmax)
         self._chosen = chosen
+        self._first_step = iterations
         self._start_log()
         # The train function may have been traced with another schedule
         # or other metrics.
@@ -279,6 +296,54 @@ class RenormWarmup(Callback):
             self._paused = False
             self._start_log()
 
+    def on_epoch_begin(self, epoch, logs=None):
+        # Checked at the first epoch, which knows fit()'s `initial_epoch`.
+        first_step, self._first_step = self._first_step, None
+        if first_step is not None:
+            self._warn_if_no_warm_up(first_step, epoch)
+
+    def _warn_if_no_warm_up(self, first_step, initial_epoch):
+        """Warns when every step this fit() plans to take comes before the
+        warm-up begins: the layers then train as plain batch normalization
+        throughout. Silent where the plan or the warm-up is unknown (a
+        dataset of unknown length, a callable schedule) or where there is
+        nothing to warm up (rmax=1, dmax=0)."""
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        begin = self._warm_up_begins()
+        if epochs is None or steps is None or begin is None:
+            return
+        planned = (int(epochs) - int(initial_epoch)) * int(steps)
+        end = first_step + planned  # the optimizer's iterations after fit()
+        if planned <= 0 or end > begin:
+            return
+        resumed = f" (it resumes at step {first_step})" if first_step else ""
+        warnings.warn(
+            f"RenormWarmup: this fit() ends at step {end}{resumed}, before "
+            f"the warm-up begins at step {begin} "
+            f"(rmax_steps={self.rmax_steps}, dmax_steps={self.dmax_steps}): "
+            "every step trains as plain batch normalization (rmax=1, "
+            "dmax=0). Pass rmax_steps/dmax_steps that fit the run, e.g. "
+            f"rmax_steps=({end // 20}, {end // 2}), "
+            f"dmax_steps=({end // 20}, {3 * end // 10}) (the ramps over "
+            f"5-50% and 5-30% of {end} steps).",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    def _warm_up_begins(self):
+        """The step at which the first linear ramp leaves plain batch
+        normalization; None for a callable schedule (unknown) or when both
+        ramps stay there (rmax=1, dmax=0)."""
+        if callable(self.rmax) or callable(self.dmax):
+            return None
+        begins = []
+        if self.rmax != 1.0:
+            begins.append(self.rmax_steps[0])
+        if self.dmax != 0.0:
+            begins.append(self.dmax_steps[0])
+        return min(begins, default=None)
+
     def on_epoch_end(self, epoch, logs=None):
         # The logs already hold the values when the train step returns the
         # model's metrics (the usual case); written again, read after the
@@ -291,6 +356,7 @@ class RenormWarmup(Callback):
         logs[dmax_key] = float(ops.convert_to_numpy(layer.dmax_value))
 
     def on_train_end(self, logs=None):
+        self._first_step = None
         self._stop_log()
         for layer in self._chosen:
             layer.set_clipping_schedule(None, None)

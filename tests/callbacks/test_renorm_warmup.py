@@ -1,4 +1,5 @@
 import csv
+import warnings
 
 import keras
 import numpy as np
@@ -593,6 +594,7 @@ class _Interrupt(keras.callbacks.Callback):
         raise _Interrupted  # as a KeyboardInterrupt would
 
 
+@pytest.mark.filterwarnings("ignore:RenormWarmup. this fit.. ends")
 def test_interrupted_fit_leaves_no_stale_keys():
     x, y = _group_data()
     model = _two_group_model()
@@ -641,3 +643,151 @@ def test_config_round_trip_keeps_the_name(name):
     assert clone.log_keys == (
         ("rmax", "dmax") if name is None else ("head_rmax", "head_dmax")
     )
+
+
+# A fit() that ends before the warm-up begins trains as plain BN: warned.
+def _warmup_warnings(fit, *args, **kwargs):
+    """Runs `fit(*args, **kwargs)`; returns the messages of RenormWarmup's
+    warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(*args, **kwargs)
+    return [
+        str(w.message)
+        for w in caught
+        if str(w.message).startswith("RenormWarmup")
+        and issubclass(w.category, UserWarning)
+    ]
+
+
+def test_warns_when_fit_ends_before_the_default_warm_up_begins():
+    x, y = _group_data()  # 3 steps per epoch
+    model = _two_group_model()
+    fit = dict(batch_size=BATCH, epochs=2, verbose=0)
+    messages = _warmup_warnings(
+        model.fit, x, y, **fit, callbacks=[RenormWarmup()]
+    )
+    assert len(messages) == 1, messages  # once per fit(), not per epoch
+    (message,) = messages
+    assert "this fit() ends at step 6, before the warm-up begins at " in message
+    assert "begins at step 5000 " in message
+    assert "rmax_steps=(5000, 40000), dmax_steps=(5000, 25000)" in message
+    assert "plain batch normalization (rmax=1, dmax=0)" in message
+    # The suggestion is a schedule within the run's 6 steps.
+    assert "e.g. rmax_steps=(0, 3), dmax_steps=(0, 1)" in message
+    # Every step trained with rmax=1, dmax=0, as the warning says.
+    assert float(to_numpy(model.get_layer("a1").rmax_value)) == 1.0
+    assert float(to_numpy(model.get_layer("a1").dmax_value)) == 0.0
+    # Once per fit(): a second fit() warns again, with its own end.
+    messages = _warmup_warnings(
+        model.fit, x, y, **fit, callbacks=[RenormWarmup()]
+    )
+    assert len(messages) == 1, messages
+    assert "ends at step 12 (it resumes at step 6)" in messages[0]
+
+
+def test_warning_is_a_user_warning():
+    x, y = _group_data()
+    model = _two_group_model()
+    with pytest.warns(UserWarning, match=r"ends at step 3, before the warm"):
+        model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=[RenormWarmup()])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # Steps 0 to 5: the ramps begin at step 4, move at step 5.
+        dict(rmax_steps=(4, 40), dmax_steps=(4, 25)),
+        dict(rmax_steps=(2, 4)),  # dmax's ramp later, rmax's within
+        dict(rmax=1.0, dmax_steps=(5, 5)),  # a jump at the last step
+        dict(rmax=1.0, dmax=0.0),  # nothing to warm up
+        dict(rmax=lambda step: 1.0 + step / 1e4),  # a callable: unknown
+    ],
+    ids=["ramps_within", "rmax_only", "jump", "constant", "callable"],
+)
+def test_no_warning_when_the_warm_up_begins_within_the_run(kwargs):
+    x, y = _group_data()
+    model = _two_group_model()
+    messages = _warmup_warnings(
+        model.fit,
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        verbose=0,
+        callbacks=[RenormWarmup(**kwargs)],
+    )
+    assert messages == []
+
+
+def test_warns_when_the_warm_up_begins_just_after_the_run():
+    x, y = _group_data()
+    model = _two_group_model()
+    # 6 steps (0 to 5); a jump at step 6 is never reached.
+    messages = _warmup_warnings(
+        model.fit,
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        verbose=0,
+        callbacks=[RenormWarmup(rmax_steps=(6, 6), dmax_steps=(6, 9))],
+    )
+    assert len(messages) == 1, messages
+    message = messages[0]
+    assert "ends at step 6, before the warm-up begins at step 6 " in message
+
+
+def test_no_warning_when_the_steps_per_epoch_are_unknown():
+    x, y = _group_data()
+
+    def batches():  # a generator: Keras does not know its length
+        for i in range(0, len(x), BATCH):
+            yield x[i : i + BATCH], y[i : i + BATCH]
+
+    class Plan(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.steps = self.params["steps"]
+
+    model, plan = _two_group_model(), Plan()
+    messages = _warmup_warnings(
+        model.fit, batches(), verbose=0, callbacks=[plan, RenormWarmup()]
+    )
+    assert messages == []
+    assert plan.steps is None
+
+
+@pytest.mark.parametrize(
+    "iterations,initial_epoch,end",
+    [
+        (4990, 0, 4996),  # 2 epochs of 3 steps from step 4990
+        (4995, 1, 4998),  # 1 epoch (the second) from 4995
+        (4995, 0, None),  # ends at 5001: the ramp begins at 5000
+        (4999, 1, None),  # ends at 5002
+        (5000, 1, None),  # already in the ramp
+    ],
+)
+def test_warns_when_resumed_near_the_warm_up(iterations, initial_epoch, end):
+    x, y = _group_data()
+    model = _two_group_model()
+    model.optimizer.iterations.assign(iterations)  # as a reloaded model's
+    messages = _warmup_warnings(
+        model.fit,
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        initial_epoch=initial_epoch,
+        verbose=0,
+        callbacks=[RenormWarmup()],
+    )
+    if end is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1, messages
+        assert (
+            f"this fit() ends at step {end} (it resumes at step "
+            f"{iterations}), before the warm-up begins at step 5000 "
+        ) in messages[0]
+    brn = model.get_layer("a1")
+    assert int(to_numpy(brn.step)) == int(to_numpy(model.optimizer.iterations))
