@@ -1,4 +1,4 @@
-"""Small-batch and non-i.i.d. study: BN, BRN (+warm-up), CBN and GN on digits.
+r"""Small-batch and non-i.i.d. study: BN, BRN (+warm-up), CBN and GN on digits.
 
 Trains the same small CNN (examples/digits_common.py) with
 keras_norms.BatchNormalization, BatchRenormalization + RenormWarmup,
@@ -21,6 +21,14 @@ every minibatch of `--noniid-batch` (16) images holds only
 
     python examples/small_batch_study.py            # about 10 minutes
     python examples/small_batch_study.py --quick    # under 1 minute
+
+The plot shows test accuracy, mean ± std over the seeds, each panel's y
+range fitted to its error bars. Without training, from the records of an
+earlier `--json` run, `--plot-from PATH` prints the table and writes the
+plot again:
+
+    python examples/small_batch_study.py --plot-from \
+        docs/small_batch_study.json --out docs/small_batch_study.png
 """
 
 import argparse
@@ -147,69 +155,214 @@ def run(kind, batch_size, classes_per_batch, seed, args, cbn_kwargs=None):
     return accuracy, seconds
 
 
+# Each layer's colour, marker and legend label, the same in both panels.
+STYLES = {
+    "BN": ("C0", "o", "BN"),
+    "BRN": ("C1", "s", "BRN + warm-up"),
+    "CBN": ("C2", "^", "CBN (k=4)"),
+    "GN": ("C3", "D", f"GN ({GROUPS} groups)"),
+}
+
+
+def _fitted_ylim(axes, lows, highs):
+    """A y range around the error bars, 10% of their span to spare."""
+    low, high = min(lows), max(highs)
+    pad = 0.1 * max(high - low, 0.01)
+    axes.set_ylim(low - pad, high + pad)
+
+
 def plot(results, args, path):
+    """Test accuracy, mean ± std over the seeds: against the batch size
+    (left) and with i.i.d. vs non-i.i.d. minibatches (right).
+
+    `results[layer, batch_size, classes_per_batch]` lists the accuracies
+    (one per seed); `args` gives `batch_sizes`, `noniid_batch`,
+    `noniid_classes`, `seeds` and the recipe for the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(
-        1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]}
+        1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [3, 2]}
     )
+    seeds = len(args.seeds)
+    ylabel = f"test accuracy (mean ± std, {seeds} seeds)"
+    # Layers side by side around each x, so their error bars stay apart.
+    shifts = {kind: (i - 1.5) for i, kind in enumerate(LAYERS)}
+    handles = []
+
+    lows, highs = [], []
     for kind in LAYERS:
-        means = [np.mean(results[kind, b, None]) for b in args.batch_sizes]
-        stds = [np.std(results[kind, b, None]) for b in args.batch_sizes]
-        left.errorbar(
-            args.batch_sizes,
+        color, marker, label = STYLES[kind]
+        sizes = [b for b in args.batch_sizes if (kind, b, None) in results]
+        means = np.array([np.mean(results[kind, b, None]) for b in sizes])
+        stds = np.array([np.std(results[kind, b, None]) for b in sizes])
+        xs = [b * 2 ** (0.06 * shifts[kind]) for b in sizes]
+        handle = left.errorbar(
+            xs,
             means,
             yerr=stds,
-            marker="o",
+            color=color,
+            marker=marker,
+            markersize=6,
             capsize=3,
-            label=kind,
+            label=label,
         )
+        handles.append(handle)
+        lows += list(means - stds)
+        highs += list(means + stds)
     left.set_xscale("log", base=2)
     left.set_xticks(args.batch_sizes, [str(b) for b in args.batch_sizes])
-    left.set_xlabel("batch size (i.i.d. minibatches)")
-    left.set_ylabel(f"test accuracy (mean ± std, {len(args.seeds)} seeds)")
+    left.minorticks_off()
+    left.set_xlabel("batch size (i.i.d. minibatches; log scale)")
+    left.set_ylabel(ylabel)
     left.set_title("Accuracy vs. batch size")
     left.grid(alpha=0.3)
-    left.legend()
+    _fitted_ylim(left, lows, highs)
+
     b, k = args.noniid_batch, args.noniid_classes
-    width = 0.38
-    for i, kind in enumerate(LAYERS):
-        for j, (classes, label) in enumerate(
-            ((None, "i.i.d."), (k, f"{k} classes / batch"))
-        ):
-            values = results[kind, b, classes]
-            right.bar(
-                i + (j - 0.5) * width,
-                np.mean(values),
-                width,
-                yerr=np.std(values),
-                capsize=3,
-                color=f"C{i}",
-                alpha=1.0 if j == 0 else 0.45,
-                label=label if i == 0 else None,
-            )
-    right.set_xticks(range(len(LAYERS)), LAYERS)
+    settings = ((None, "i.i.d."), (k, f"{k} classes per batch"))
+    lows, highs = [], []
+    for kind in LAYERS:
+        color, marker, label = STYLES[kind]
+        cells = [
+            (j, results[kind, b, classes])
+            for j, (classes, _) in enumerate(settings)
+            if (kind, b, classes) in results
+        ]
+        means = np.array([np.mean(values) for _, values in cells])
+        stds = np.array([np.std(values) for _, values in cells])
+        right.errorbar(
+            [j + 0.08 * shifts[kind] for j, _ in cells],
+            means,
+            yerr=stds,
+            color=color,
+            marker=marker,
+            markersize=6,
+            capsize=3,
+            label=label,
+        )
+        lows += list(means - stds)
+        highs += list(means + stds)
+    right.set_xticks(range(len(settings)), [name for _, name in settings])
+    right.set_xlim(-0.5, len(settings) - 0.5)
+    right.set_xlabel(f"composition of each minibatch of {b}")
+    right.set_ylabel(ylabel)
     right.set_title(f"Non-i.i.d. minibatches (batch size {b})")
-    right.set_ylabel("test accuracy")
-    right.legend(loc="lower right")
     right.grid(alpha=0.3, axis="y")
-    fig.suptitle(
-        f"digits, {args.train_samples} noisy training images, "
-        f"{args.epochs} epochs, Adam {args.learning_rate}"
+    _fitted_ylim(right, lows, highs)
+
+    fig.legend(
+        handles,
+        [STYLES[kind][2] for kind in LAYERS],
+        loc="lower center",
+        ncol=len(LAYERS),
+        frameon=False,
     )
-    fig.tight_layout()
+    fig.suptitle(
+        f"Digits, {args.train_samples} noisy training images, "
+        f"{args.epochs} epochs, Adam {args.learning_rate}: test accuracy, "
+        f"mean ± std over seeds {', '.join(map(str, args.seeds))}"
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_records(path, records):
-    """Writes `{"results": records}`, one record per training run."""
+def write_records(path, records, recipe=None):
+    """Writes `{"results": records}`, one record per training run, with
+    `"recipe"` (the run's arguments, for `--plot-from`) when given."""
+    data = {"results": records}
+    if recipe is not None:
+        data["recipe"] = recipe
     with open(path, "w") as f:
-        json.dump({"results": records}, f, indent=1)
+        json.dump(data, f, indent=1)
     print(f"\nresults written to {os.path.abspath(path)}")
+
+
+# The arguments a study's records keep, to plot them again.
+RECIPE = (
+    "batch_sizes",
+    "seeds",
+    "epochs",
+    "train_samples",
+    "noise",
+    "learning_rate",
+    "noniid_batch",
+    "noniid_classes",
+)
+
+
+def read_records(path, args):
+    """The records of `--json PATH`; sets `args` to the recipe they were
+    made with (records written before the recipe was saved: batch sizes,
+    seeds and the non-i.i.d. setting from the records, the rest from the
+    command line)."""
+    with open(path) as f:
+        data = json.load(f)
+    records = data["results"]
+    recipe = data.get("recipe")
+    if recipe is None:
+        print(
+            f"{path} holds no recipe: the title takes --epochs, "
+            "--train-samples and --learning-rate from the command line"
+        )
+        noniid = [r for r in records if r["classes_per_batch"] is not None]
+        recipe = {
+            "batch_sizes": sorted(
+                {
+                    r["batch_size"]
+                    for r in records
+                    if r["classes_per_batch"] is None
+                }
+            ),
+            "seeds": sorted({r["seed"] for r in records}),
+        }
+        if noniid:
+            recipe["noniid_batch"] = noniid[0]["batch_size"]
+            recipe["noniid_classes"] = noniid[0]["classes_per_batch"]
+    for key in RECIPE:
+        if key in recipe:
+            setattr(args, key, recipe[key])
+    return records
+
+
+def settings_of(records):
+    """The `(batch_size, classes_per_batch)` settings, in the records'
+    order."""
+    settings = []
+    for r in records:
+        setting = (r["batch_size"], r["classes_per_batch"])
+        if setting not in settings:
+            settings.append(setting)
+    return settings
+
+
+def print_table(settings, records, epochs):
+    """Test accuracy mean ± std over the seeds (and seconds per epoch), one
+    row per setting, one column per layer."""
+    results, times = {}, {}
+    for r in records:
+        key = (r["layer"], r["batch_size"], r["classes_per_batch"])
+        results.setdefault(key, []).append(r["accuracy"])
+        times.setdefault(key, []).append(r["seconds"] / epochs)
+    print()
+    print("| setting | " + " | ".join(LAYERS) + " |")
+    print("| --- |" + " --- |" * len(LAYERS))
+    for batch_size, classes in settings:
+        name = f"batch {batch_size}" + (
+            "" if classes is None else f", {classes} classes/batch"
+        )
+        cells = []
+        for kind in LAYERS:
+            acc = results[kind, batch_size, classes]
+            sec = np.mean(times[kind, batch_size, classes])
+            cells.append(
+                f"{np.mean(acc):.3f} ± {np.std(acc):.3f} ({sec:.1f} s/ep)"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return results
 
 
 def add_recipe_arguments(parser):
@@ -219,6 +372,43 @@ def add_recipe_arguments(parser):
     parser.add_argument("--train-samples", type=int, default=600)
     parser.add_argument("--noise", type=float, default=0.25)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+
+
+def train_all(settings, args):
+    """Trains every layer in every setting with every seed; returns one
+    record per run."""
+    total = len(settings) * len(LAYERS) * len(args.seeds)
+    print(
+        f"{total} runs on backend {keras.backend.backend()}: layers "
+        f"{', '.join(LAYERS)}; batch sizes {args.batch_sizes}; non-i.i.d. "
+        f"batches of {args.noniid_batch} from {args.noniid_classes} "
+        f"classes; seeds {args.seeds}",
+        flush=True,
+    )
+    records = []
+    for batch_size, classes in settings:
+        for kind in LAYERS:
+            for seed in args.seeds:
+                accuracy, seconds = run(kind, batch_size, classes, seed, args)
+                per_epoch = seconds / args.epochs
+                records.append(
+                    {
+                        "layer": kind,
+                        "batch_size": batch_size,
+                        "classes_per_batch": classes,
+                        "seed": seed,
+                        "accuracy": float(accuracy),
+                        "seconds": round(seconds, 2),
+                    }
+                )
+                setting = "iid" if classes is None else f"{classes} cls"
+                print(
+                    f"[{len(records):3d}/{total}] {kind:3s} batch "
+                    f"{batch_size:3d} {setting:6s} seed {seed}: accuracy "
+                    f"{accuracy:.3f}, {per_epoch:.2f} s/epoch",
+                    flush=True,
+                )
+    return records
 
 
 def main(argv=None):
@@ -236,78 +426,41 @@ def main(argv=None):
     parser.add_argument(
         "--json", default=None, help="write one record per run to this file"
     )
+    parser.add_argument(
+        "--plot-from",
+        metavar="JSON",
+        default=None,
+        help="train nothing: print the table and write the plot from the "
+        "records of an earlier --json run",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.seeds, args.epochs = "4,16", "0", 2
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    if args.noniid_batch % args.noniid_classes:
-        parser.error("--noniid-batch must be a multiple of --noniid-classes")
 
-    settings = [(b, None) for b in args.batch_sizes]
-    iid_batch = (args.noniid_batch, None)
-    if iid_batch not in settings:
-        settings.append(iid_batch)
-    settings.append((args.noniid_batch, args.noniid_classes))
-    total = len(settings) * len(LAYERS) * len(args.seeds)
-    print(
-        f"{total} runs on backend {keras.backend.backend()}: layers "
-        f"{', '.join(LAYERS)}; batch sizes {args.batch_sizes}; non-i.i.d. "
-        f"batches of {args.noniid_batch} from {args.noniid_classes} "
-        f"classes; seeds {args.seeds}",
-        flush=True,
-    )
-    results, times, records = {}, {}, []
-    done = 0
-    for batch_size, classes in settings:
-        for kind in LAYERS:
-            for seed in args.seeds:
-                accuracy, seconds = run(kind, batch_size, classes, seed, args)
-                per_epoch = seconds / args.epochs
-                results.setdefault((kind, batch_size, classes), []).append(
-                    accuracy
-                )
-                times.setdefault((kind, batch_size, classes), []).append(
-                    per_epoch
-                )
-                records.append(
-                    {
-                        "layer": kind,
-                        "batch_size": batch_size,
-                        "classes_per_batch": classes,
-                        "seed": seed,
-                        "accuracy": float(accuracy),
-                        "seconds": round(seconds, 2),
-                    }
-                )
-                done += 1
-                setting = "iid" if classes is None else f"{classes} cls"
-                print(
-                    f"[{done:3d}/{total}] {kind:3s} batch {batch_size:3d} "
-                    f"{setting:6s} seed {seed}: accuracy {accuracy:.3f}, "
-                    f"{per_epoch:.2f} s/epoch",
-                    flush=True,
-                )
-
-    print()
-    print("| setting | " + " | ".join(LAYERS) + " |")
-    print("| --- |" + " --- |" * len(LAYERS))
-    for batch_size, classes in settings:
-        name = f"batch {batch_size}" + (
-            "" if classes is None else f", {classes} classes/batch"
-        )
-        cells = []
-        for kind in LAYERS:
-            acc = results[kind, batch_size, classes]
-            sec = np.mean(times[kind, batch_size, classes])
-            cells.append(
-                f"{np.mean(acc):.3f} ± {np.std(acc):.3f} ({sec:.1f} s/ep)"
+    if args.plot_from:
+        records = read_records(args.plot_from, args)
+        settings = settings_of(records)
+    else:
+        if args.noniid_batch % args.noniid_classes:
+            parser.error(
+                "--noniid-batch must be a multiple of --noniid-classes"
             )
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        settings = [(b, None) for b in args.batch_sizes]
+        iid_batch = (args.noniid_batch, None)
+        if iid_batch not in settings:
+            settings.append(iid_batch)
+        settings.append((args.noniid_batch, args.noniid_classes))
+        records = train_all(settings, args)
+
+    results = print_table(settings, records, args.epochs)
     plot(results, args, args.out)
     print(f"\nplot written to {os.path.abspath(args.out)}")
-    if args.json:
-        write_records(args.json, records)
+    if args.json and not args.plot_from:
+        write_records(
+            args.json, records, {key: getattr(args, key) for key in RECIPE}
+        )
 
 
 if __name__ == "__main__":
