@@ -24,11 +24,14 @@ every minibatch of `--noniid-batch` (16) images holds only
 
 The plot shows test accuracy, mean ± std over the seeds, each panel's y
 range fitted to its error bars. Without training, from the records of an
-earlier `--json` run, `--plot-from PATH` prints the table and writes the
-plot again:
+earlier `--json` run: `--plot-from PATH` prints the table and writes the
+plot again; `--differences` adds the paired differences behind the claims
+(per seed, one layer minus another; mean ± std over the seeds, in points),
+`--ablation-from PATH` those of examples/cbn_ablation.py's records:
 
     python examples/small_batch_study.py --plot-from \
-        docs/small_batch_study.json --out docs/small_batch_study.png
+        docs/small_batch_study.json --out docs/small_batch_study.png \
+        --differences --ablation-from docs/cbn_ablation.json
 """
 
 import argparse
@@ -365,6 +368,118 @@ def print_table(settings, records, epochs):
     return results
 
 
+def _paired(first, second):
+    """Per seed, `first - second` in points (accuracy x 100), for the
+    seeds both `{seed: accuracy}` hold; `None` when they share none."""
+    seeds = sorted(set(first) & set(second))
+    if not seeds:
+        return None
+    return seeds, [100.0 * (first[s] - second[s]) for s in seeds]
+
+
+def _difference_row(pair, setting, paired):
+    seeds, diffs = paired
+    per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+    above = sum(d > 0 for d in diffs)
+    return (
+        f"| {pair} | {setting} | {len(seeds)} | "
+        f"{np.mean(diffs):+.1f} ± {np.std(diffs):.1f} | {per_seed} | "
+        f"{above} of {len(seeds)} |"
+    )
+
+
+def print_differences(records, ablation=None):
+    """The study's claims as paired differences: per seed (same data,
+    split, noise and initialization), one layer's accuracy minus
+    another's, then mean ± std over the seeds, in points. `ablation`: the
+    records of examples/cbn_ablation.py --json, for its pairs."""
+    acc = {}
+    for r in records:
+        key = (r["layer"], r["batch_size"], r["classes_per_batch"])
+        acc.setdefault(key, {})[r["seed"]] = r["accuracy"]
+    settings = settings_of(records)
+    iid = [b for b, classes in settings if classes is None]
+    noniid = [(b, k) for b, k in settings if k is not None]
+
+    def name(batch_size, classes):
+        if classes is None:
+            return f"batch {batch_size}"
+        return f"batch {batch_size}, {classes} classes each"
+
+    header = (
+        "| pair | minibatches | seeds | mean ± std (points) | per seed "
+        "(points) | seeds where the first is higher |\n"
+        "| --- | --- | --- | --- | --- | --- |"
+    )
+    print("\nPaired differences (same seed), in points of test accuracy;")
+    print("std over the seeds as in the table (NumPy's, ddof=0):\n")
+    print(header)
+    for a, b in (("BRN", "BN"), ("CBN", "BN"), ("GN", "BN"), ("CBN", "GN")):
+        for setting in [(size, None) for size in iid] + noniid:
+            paired = _paired(
+                acc.get((a, *setting), {}), acc.get((b, *setting), {})
+            )
+            if paired:
+                print(_difference_row(f"{a} - {b}", name(*setting), paired))
+    for size, classes in noniid:
+        for kind in LAYERS:
+            paired = _paired(
+                acc.get((kind, size, classes), {}),
+                acc.get((kind, size, None), {}),
+            )
+            if paired:
+                print(
+                    _difference_row(
+                        f"{kind}: {classes} classes - i.i.d.",
+                        f"batch {size}",
+                        paired,
+                    )
+                )
+    if len(iid) > 1:
+        small, large = min(iid), max(iid)
+        for kind in LAYERS:
+            paired = _paired(
+                acc.get((kind, small, None), {}),
+                acc.get((kind, large, None), {}),
+            )
+            if paired:
+                print(
+                    _difference_row(
+                        f"{kind}: batch {small} - batch {large}",
+                        "i.i.d.",
+                        paired,
+                    )
+                )
+    if not ablation:
+        return
+    cbn = {}
+    for r in ablation:
+        key = (r["variant"], r["burnin_fraction"], r["batch_size"])
+        cbn.setdefault(key, {})[r["seed"]] = r["accuracy"]
+    pairs = [
+        ("default", 0.0, "compensation=False", 0.0),
+        ("default", 0.0, "compensation_gradient=False", 0.0),
+        ("default", 0.0, "window_size=1 (BN)", 0.0),
+        ("default", 0.1, "default", 0.0),
+        (
+            "compensation_gradient=False",
+            0.1,
+            "compensation_gradient=False",
+            0.0,
+        ),
+    ]
+    print("\nCBN ablation, paired the same way:\n")
+    print(header)
+    for size in sorted({r["batch_size"] for r in ablation}):
+        for a, fa, b, fb in pairs:
+            paired = _paired(
+                cbn.get((a, fa, size), {}), cbn.get((b, fb, size), {})
+            )
+            if paired:
+                pair = f"{a} (burn-in {fa:.0%}) - {b} (burn-in {fb:.0%})"
+                print(_difference_row(pair, f"batch {size}", paired))
+
+
 def add_recipe_arguments(parser):
     """The data and training recipe, shared with examples/cbn_ablation.py."""
     parser.add_argument("--seeds", default="0,1,2")
@@ -433,6 +548,19 @@ def main(argv=None):
         help="train nothing: print the table and write the plot from the "
         "records of an earlier --json run",
     )
+    parser.add_argument(
+        "--differences",
+        action="store_true",
+        help="also print the paired differences (same seed) behind the "
+        "study's claims, mean ± std over the seeds, in points",
+    )
+    parser.add_argument(
+        "--ablation-from",
+        metavar="JSON",
+        default=None,
+        help="with --differences: also the CBN ablation's pairs, from the "
+        "records of examples/cbn_ablation.py --json",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.seeds, args.epochs = "4,16", "0", 2
@@ -461,6 +589,12 @@ def main(argv=None):
         write_records(
             args.json, records, {key: getattr(args, key) for key in RECIPE}
         )
+    if args.differences:
+        ablation = None
+        if args.ablation_from:
+            with open(args.ablation_from) as f:
+                ablation = json.load(f)["results"]
+        print_differences(records, ablation)
 
 
 if __name__ == "__main__":
