@@ -113,7 +113,7 @@ def mask_count(keep, inputs, axes):
 def as_positions(inputs, mask=None):
     """Inputs with the features last as `(positions, features)` (and a
     `broadcast_mask` as `(positions, 1 or features)`); see
-    `positions_layout_helps`."""
+    `_backend.positions_layout_helps`."""
     if mask is not None:
         last = mask.shape[-1]
         if (

@@ -9,18 +9,21 @@ positions (M of them, or the unmasked ones):
 
 where `patch` is the input window that meets W at an output position (the
 input row for Dense). Both derivatives are kernel gradients of the linear
-map: for convolutions, each backend's own kernel-gradient op (TensorFlow's
+map: for convolutions, each backend's own kernel-gradient op where it has
+one (`_backend.conv_statistic_gradients`: TensorFlow's
 `conv*d_backprop_filter`, `torch.nn.grad.conv*d_weight`, XLA's through
-`jax.linear_transpose`), else strided input windows with one matmul per
-kernel offset, which is the work of one kernel gradient.
+`jax.linear_transpose`), else the generic path here, strided input windows
+with one matmul per kernel offset, which is the work of one kernel
+gradient.
 """
 
 import itertools
 import math
 
-from keras import backend
 from keras import layers
 from keras import ops
+
+from keras_norms import _backend
 
 SUPPORTED = (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D)
 
@@ -151,19 +154,12 @@ def statistic_gradients(layer, inputs, outputs, weights, count):
 
 
 def _conv_statistic_gradients(layer, inputs, grad_y, count):
-    # TensorFlow's kernel-gradient ops take dilations > 1 on CPU only with
-    # oneDNN (x86 builds); without it (e.g. TF_ENABLE_ONEDNN_OPTS=0, ARM)
-    # they raise, so dilated convolutions take the generic path.
-    if backend.backend() == "tensorflow" and all(
-        r == 1 for r in layer.dilation_rate
-    ):
-        return _tf_conv_statistic_gradients(layer, inputs, grad_y, count)
-    # torch's kernel-gradient op crashes the process (segmentation fault,
-    # torch 2.13 on CPU) on an empty batch: that one takes the generic path.
-    if backend.backend() == "torch" and 0 not in inputs.shape:
-        return _torch_conv_statistic_gradients(layer, inputs, grad_y, count)
-    if backend.backend() == "jax":
-        return _jax_conv_statistic_gradients(layer, inputs, grad_y, count)
+    """The backend's own convolution kernel gradient where it has one for
+    this case (`_backend.conv_statistic_gradients`), else the generic
+    path."""
+    fast = _backend.conv_statistic_gradients(layer, inputs, grad_y, count)
+    if fast is not None:
+        return fast
     return _generic_conv_statistic_gradients(layer, inputs, grad_y, count)
 
 
@@ -179,7 +175,7 @@ def _generic_conv_statistic_gradients(layer, inputs, grad_y, count):
             "batches of a fixed size (e.g. pad the sequences), or use "
             "dilation_rate=1."
         )
-    padded = _pad(layer, inputs)
+    padded = pad_input(layer, inputs)
     out_shape = tuple(grad_y.shape[1:-1])
     cin = inputs.shape[-1]
     g = ops.reshape(grad_y, (-1, grad_y.shape[-1]))
@@ -191,7 +187,7 @@ def _generic_conv_statistic_gradients(layer, inputs, grad_y, count):
     dnu = ops.reshape(ops.stack(dnu), kshape + (grad_y.shape[-1],))
     # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
     padded_sum = ops.sum(padded, axis=0, keepdims=True)
-    return _window_sums(layer, padded_sum, out_shape) / count, dnu
+    return window_sums(layer, padded_sum, out_shape) / count, dnu
 
 
 def _windows(layer, padded, out_shape):
@@ -208,7 +204,7 @@ def _windows(layer, padded, out_shape):
         yield padded[tuple(index)]
 
 
-def _window_sums(layer, padded, out_shape):
+def window_sums(layer, padded, out_shape):
     """Per kernel offset and input channel, the sum of its input window
     (of the kernel's shape with 1 output channel): the kernel gradient of
     a cotangent of ones."""
@@ -220,15 +216,15 @@ def _window_sums(layer, padded, out_shape):
     return ops.reshape(ops.stack(sums), tuple(layer.kernel_size) + (cin, 1))
 
 
-def _pad(layer, inputs):
+def pad_input(layer, inputs):
     """Pads channels-last `inputs` the way the convolution did."""
     if layer.padding == "valid":
         return inputs
-    pads = [(0, 0), *_padding(layer, inputs.shape[1:-1]), (0, 0)]
+    pads = [(0, 0), *spatial_padding(layer, inputs.shape[1:-1]), (0, 0)]
     return ops.pad(inputs, pads)
 
 
-def _padding(layer, spatial_shape):
+def spatial_padding(layer, spatial_shape):
     """The (before, after) padding of each spatial axis of an input of
     `spatial_shape`, as the convolution applies it."""
     pads = []
@@ -244,123 +240,3 @@ def _padding(layer, spatial_shape):
             total = max((out - 1) * s + extent - size, 0)
             pads.append((total // 2, total - total // 2))
     return pads
-
-
-def _tf_conv_statistic_gradients(layer, inputs, grad_y, count):
-    """Fast path: TensorFlow's own kernel-gradient op (channels last)."""
-    import tensorflow as tf
-
-    rank = len(layer.kernel_size)
-    kernel_size = list(layer.kernel_size)
-    strides = list(layer.strides)
-    dilations = list(layer.dilation_rate)
-    padding = layer.padding.upper()
-    if padding == "CAUSAL":
-        inputs = _pad(layer, inputs)
-        padding = "VALID"
-    if rank == 1:  # as a 2-D convolution of height 1
-        inputs, grad_y = inputs[:, None], grad_y[:, None]
-        kernel_size, strides, dilations = (
-            [1] + kernel_size,
-            [1] + strides,
-            [1] + dilations,
-        )
-    backprop = (
-        tf.compat.v1.nn.conv2d_backprop_filter
-        if len(kernel_size) == 2
-        else tf.compat.v1.nn.conv3d_backprop_filter_v2
-    )
-    cin = inputs.shape[-1]
-
-    def kernel_gradient(x, g):
-        return backprop(
-            x,
-            kernel_size + [cin, g.shape[-1]],
-            g,
-            strides=[1] + strides + [1],
-            padding=padding,
-            dilations=[1] + dilations + [1],
-        )
-
-    dnu = kernel_gradient(inputs, grad_y)
-    # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
-    x_sum = tf.reduce_sum(inputs, axis=0, keepdims=True)
-    ones = tf.ones_like(grad_y[:1, ..., :1]) / count
-    dmu = kernel_gradient(x_sum, ones)
-    if rank == 1:
-        dnu, dmu = dnu[0], dmu[0]
-    return dmu, dnu
-
-
-def _torch_conv_statistic_gradients(layer, inputs, grad_y, count):
-    """Fast path: torch's kernel-gradient op (`torch.nn.grad.convNd_weight`)
-    on the explicitly padded input, viewed channels-first."""
-    import torch
-
-    rank = len(layer.kernel_size)
-    weight_of = (
-        torch.nn.grad.conv1d_weight,
-        torch.nn.grad.conv2d_weight,
-        torch.nn.grad.conv3d_weight,
-    )[rank - 1]
-    first = (0, rank + 1) + tuple(range(1, rank + 1))  # features to axis 1
-    padded = _pad(layer, inputs)
-    cin = inputs.shape[-1]
-
-    def kernel_gradient(x, g):
-        gradient = weight_of(
-            x.permute(first),
-            (g.shape[-1], cin) + tuple(layer.kernel_size),
-            g.permute(first),
-            stride=tuple(layer.strides),
-            dilation=tuple(layer.dilation_rate),
-        )  # (out, in, *kernel) -> Keras's (*kernel, in, out)
-        return gradient.permute(tuple(range(2, rank + 2)) + (1, 0))
-
-    dnu = kernel_gradient(padded, grad_y)
-    # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
-    ones = torch.ones_like(grad_y[:1, ..., :1]) / count
-    dmu = kernel_gradient(padded.sum(dim=0, keepdim=True), ones)
-    return dmu, dnu
-
-
-def _jax_conv_statistic_gradients(layer, inputs, grad_y, count):
-    """Fast path: XLA's kernel gradient of the convolution, the transpose
-    of the linear map W -> conv(x, W) (`jax.linear_transpose`), with the
-    padding given to the convolution (on an explicitly padded input XLA's
-    CPU kernel gradient took 2.6x as long); d mu / d W from windows of the
-    batch sum, taken as a matrix-vector product (`sum` over the batch axis
-    took 20x as long on 32x32x32x64). Both: 0.4x the time of the
-    strided-window matmuls for a 3x3 Conv2D on 32x32x32x64 (README,
-    "Speed")."""
-    import jax
-
-    rank = len(layer.kernel_size)
-    spatial = "DHW"[3 - rank :]
-    numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-    cin, cout = inputs.shape[-1], grad_y.shape[-1]
-
-    def conv(kernel):
-        return jax.lax.conv_general_dilated(
-            inputs,
-            kernel,
-            window_strides=tuple(layer.strides),
-            padding=_padding(layer, inputs.shape[1:-1]),
-            rhs_dilation=tuple(layer.dilation_rate),
-            dimension_numbers=numbers,
-        )
-
-    kernel = jax.ShapeDtypeStruct(
-        tuple(layer.kernel_size) + (cin, cout), grad_y.dtype
-    )
-    (dnu,) = jax.linear_transpose(conv, kernel)(grad_y)
-    batch = inputs.shape[0]
-    ones = ops.ones((1, batch), inputs.dtype)
-    inputs_sum = ops.reshape(
-        ops.matmul(
-            ones, ops.reshape(inputs, (batch, math.prod(inputs.shape[1:])))
-        ),
-        (1,) + tuple(inputs.shape[1:]),
-    )
-    dmu = _window_sums(layer, _pad(layer, inputs_sum), grad_y.shape[1:-1])
-    return dmu / count, dnu

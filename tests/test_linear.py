@@ -8,6 +8,9 @@ import pytest
 from keras import ops
 
 from keras_norms import _linear
+from keras_norms._backend import jax as jax_backend
+from keras_norms._backend import tensorflow as tf_backend
+from keras_norms._backend import torch as torch_backend
 from tests import references
 from tests.helpers import BACKEND
 from tests.helpers import to_numpy
@@ -60,11 +63,11 @@ def test_conv_statistic_gradients_match_im2col(case):
     # TensorFlow's kernel-gradient ops, which the layers use for undilated
     # convolutions (dilated ones raise there without oneDNN).
     if BACKEND == "tensorflow" and set(layer.dilation_rate) == {1}:
-        paths.append(_linear._tf_conv_statistic_gradients)
+        paths.append(tf_backend.conv_statistic_gradients)
     if BACKEND == "torch":
-        paths.append(_linear._torch_conv_statistic_gradients)
+        paths.append(torch_backend.conv_statistic_gradients)
     if BACKEND == "jax":
-        paths.append(_linear._jax_conv_statistic_gradients)
+        paths.append(jax_backend.conv_statistic_gradients)
     for path in paths:
         dmu, dnu = path(layer, ops.convert_to_tensor(x), grad_y, count)
         np.testing.assert_allclose(

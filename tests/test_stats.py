@@ -1,4 +1,4 @@
-"""The shared math of `keras_norms._stats` against NumPy."""
+"""The shared math of `keras_norms._moments` against NumPy."""
 
 import keras
 import numpy as np
@@ -8,8 +8,8 @@ from keras import ops
 import keras_norms
 from keras_norms import _axes
 from keras_norms import _backend
+from keras_norms import _moments
 from keras_norms import _reductions
-from keras_norms import _stats
 from keras_norms._backend import tensorflow as tf_backend
 from keras_norms._backend import torch as torch_backend
 from tests import references
@@ -82,7 +82,7 @@ def test_moments_match_numpy(shape, feature_axes, kind):
     keep = None
     if mask is not None:
         keep = _axes.broadcast_mask(ops.convert_to_tensor(mask), x)
-    mean, var, count = _stats.moments(x, axes, keep)
+    mean, var, count = _moments.moments(x, axes, keep)
     rmean, rvar, rcount = references.batch_moments(x, mask, feature_axes)
     np.testing.assert_allclose(to_numpy(mean), rmean, rtol=1e-6)
     np.testing.assert_allclose(to_numpy(var), rvar, rtol=1e-6)
@@ -123,7 +123,7 @@ def test_synchronized_moments_match_numpy(shape, feature_axes, kind):
 def test_moments_of_an_all_masked_batch_are_zero():
     x = ops.ones((2, 3, 4))
     keep = _axes.broadcast_mask(ops.zeros((2, 3), "bool"), x)
-    mean, var, count = _stats.moments(x, (0, 1), keep)
+    mean, var, count = _moments.moments(x, (0, 1), keep)
     np.testing.assert_array_equal(to_numpy(mean), np.zeros(4))
     np.testing.assert_array_equal(to_numpy(var), np.zeros(4))
     np.testing.assert_array_equal(to_numpy(count), [0.0])
@@ -169,7 +169,7 @@ def test_normalize_is_the_affine_batch_norm():
     x = rng.normal(size=(4, 3, 5)).astype("float32")
     mean, var = rng.normal(size=5), rng.random(5) + 0.5
     gamma, beta = rng.normal(size=5), rng.normal(size=5)
-    got = _stats.normalize(
+    got = _moments.normalize(
         ops.convert_to_tensor(x),
         *(ops.convert_to_tensor(v.astype("float32")) for v in (mean, var)),
         *(ops.convert_to_tensor(v.astype("float32")) for v in (gamma, beta)),
@@ -488,7 +488,9 @@ def test_fit_with_jit_compile_on_torch():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
-        ours = [str(w.message) for w in caught if "_stats.py" in str(w.message)]
+        ours = [
+            str(w.message) for w in caught if "keras_norms" in str(w.message)
+        ]
         assert not ours, ours
         trained.append([to_numpy(w) for w in model.weights])
     for eager, compiled in zip(*trained):  # (inductor sums in its own order)

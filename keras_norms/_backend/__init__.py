@@ -7,7 +7,7 @@ Keras's `keras/src/backend/<name>/nn.py`. The functions here forward to
 the running backend's module, so that no other module tests
 `keras.backend.backend()` for a fast path or imports a backend library.
 Where a backend has no fast path for a case, its function says so (False
-or None) and the caller takes the general `keras.ops` path (`_stats`,
+or None) and the caller takes the general `keras.ops` path (`_moments`,
 `_reductions`, `_linear`): the reference every fast path is tested
 against.
 
@@ -61,7 +61,7 @@ def can_fuse(inputs, feature_axes, synchronized):
 def fused_batch_norm(inputs, scale, offset, epsilon):
     """Training-mode batch normalization on the backend's kernel (features
     last, where `can_fuse`). Returns `(outputs, mean, variance)` with the
-    biased batch variance, like `_stats.moments`. `scale`/`offset` may be
+    biased batch variance, like `_moments.moments`. `scale`/`offset` may be
     None."""
     return _module().fused_batch_norm(inputs, scale, offset, epsilon)
 
@@ -88,13 +88,13 @@ def fused_normalization(inputs, statistics, scale, offset, epsilon):
 
 
 def masked_moments(inputs, axes, mask):
-    """`_stats.moments` with a mask from the backend's kernel, or None
+    """`_moments.moments` with a mask from the backend's kernel, or None
     where it has none for this case (PyTorch's: see its module)."""
     return _module().masked_moments(inputs, axes, mask)
 
 
 def normalize_with(inputs, mean, variance, scale, offset, epsilon, axes):
-    """`_stats.normalize_with` on the backend's inference-mode kernel, or
+    """`_moments.normalize_with` on the backend's inference-mode kernel, or
     None where it has none for this case (PyTorch's: see its module)."""
     return _module().normalize_with(
         inputs, mean, variance, scale, offset, epsilon, axes
@@ -120,3 +120,17 @@ def global_batch_program():
     the JAX backend under a `keras.distribution` (XLA partitions it and
     inserts the collectives). Batch statistics there are always global."""
     return _module().global_batch_program()
+
+
+def conv_statistic_gradients(layer, inputs, grad_y, count):
+    """`_linear.statistic_gradients` of a convolution (channels-last
+    `inputs` and `grad_y`, the cotangent of its output) from the backend's
+    own kernel-gradient op: `(dmu, dnu)`, or None where it has none for
+    this case (the generic path of `_linear` then runs)."""
+    return _module().conv_statistic_gradients(layer, inputs, grad_y, count)
+
+
+def no_grad():
+    """A context in which calls record no gradient (PyTorch's eager calls
+    record an autograd graph otherwise)."""
+    return _module().no_grad()

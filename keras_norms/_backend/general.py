@@ -5,6 +5,8 @@ Private module, imported by `_backend` on a backend without a module of
 its own.
 """
 
+import contextlib
+
 
 def positions_layout_helps():
     """Yes, as on TensorFlow and PyTorch (one 2-D reduction)."""
@@ -22,7 +24,7 @@ def masked_moments(inputs, axes, mask):
 
 
 def normalize_with(inputs, mean, variance, scale, offset, epsilon, axes):
-    """None: inference takes the general path (`_stats.normalize`)."""
+    """None: inference takes the general path (`_moments.normalize`)."""
     return None
 
 
@@ -39,3 +41,13 @@ def replica_sum():
 def global_batch_program():
     """False."""
     return False
+
+
+def conv_statistic_gradients(layer, inputs, grad_y, count):
+    """None: the generic path (`_linear`)."""
+    return None
+
+
+def no_grad():
+    """A context that records no gradient: nothing to do."""
+    return contextlib.nullcontext()

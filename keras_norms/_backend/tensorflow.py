@@ -5,11 +5,13 @@ Private module, imported by `_backend` on the TensorFlow backend (and by
 tests, on any backend): TensorFlow is imported inside each function.
 """
 
+import contextlib
 import math
 
 from keras import backend
 
-from keras_norms import _stats
+from keras_norms import _linear
+from keras_norms import _moments
 
 # The fused kernel pays for itself above this many input elements. Below
 # it, its fixed cost outweighs the passes it saves: on 2 CPU cores with
@@ -156,7 +158,7 @@ def fused_renormalization(inputs, correct, scale, offset, epsilon):
     )
     variance = _biased(variance, inputs)
     # An empty batch's r, d are NaN: zeros keep its gradients at 0.
-    r, d = _stats.zero_if_empty(inputs, *correct(mean, variance))
+    r, d = _moments.zero_if_empty(inputs, *correct(mean, variance))
     r, d = tf.stop_gradient(r), tf.stop_gradient(d)
 
     @tf.custom_gradient
@@ -292,7 +294,7 @@ def masked_moments(inputs, axes, mask):
 
 
 def normalize_with(inputs, mean, variance, scale, offset, epsilon, axes):
-    """None: inference takes the general path (`_stats.normalize`)."""
+    """None: inference takes the general path (`_moments.normalize`)."""
     return None
 
 
@@ -326,3 +328,62 @@ def _replica_context():
 def global_batch_program():
     """False: each replica runs the step on its own batch."""
     return False
+
+
+def conv_statistic_gradients(layer, inputs, grad_y, count):
+    """`_linear.statistic_gradients` of a convolution (channels last) from
+    TensorFlow's own kernel-gradient op; None (the generic path) for a
+    dilated one."""
+    # TensorFlow's kernel-gradient ops take dilations > 1 on CPU only with
+    # oneDNN (x86 builds); without it (e.g. TF_ENABLE_ONEDNN_OPTS=0, ARM)
+    # they raise, so dilated convolutions take the generic path.
+    if not all(r == 1 for r in layer.dilation_rate):
+        return None
+    import tensorflow as tf
+
+    rank = len(layer.kernel_size)
+    kernel_size = list(layer.kernel_size)
+    strides = list(layer.strides)
+    dilations = list(layer.dilation_rate)
+    padding = layer.padding.upper()
+    if padding == "CAUSAL":
+        inputs = _linear.pad_input(layer, inputs)
+        padding = "VALID"
+    if rank == 1:  # as a 2-D convolution of height 1
+        inputs, grad_y = inputs[:, None], grad_y[:, None]
+        kernel_size, strides, dilations = (
+            [1] + kernel_size,
+            [1] + strides,
+            [1] + dilations,
+        )
+    backprop = (
+        tf.compat.v1.nn.conv2d_backprop_filter
+        if len(kernel_size) == 2
+        else tf.compat.v1.nn.conv3d_backprop_filter_v2
+    )
+    cin = inputs.shape[-1]
+
+    def kernel_gradient(x, g):
+        return backprop(
+            x,
+            kernel_size + [cin, g.shape[-1]],
+            g,
+            strides=[1] + strides + [1],
+            padding=padding,
+            dilations=[1] + dilations + [1],
+        )
+
+    dnu = kernel_gradient(inputs, grad_y)
+    # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
+    x_sum = tf.reduce_sum(inputs, axis=0, keepdims=True)
+    ones = tf.ones_like(grad_y[:1, ..., :1]) / count
+    dmu = kernel_gradient(x_sum, ones)
+    if rank == 1:
+        dnu, dmu = dnu[0], dmu[0]
+    return dmu, dnu
+
+
+def no_grad():
+    """A context that records no gradient: nothing to do (TensorFlow
+    records only under a `GradientTape`)."""
+    return contextlib.nullcontext()

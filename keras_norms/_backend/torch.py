@@ -14,7 +14,8 @@ import math
 
 from keras import backend
 
-from keras_norms import _stats
+from keras_norms import _linear
+from keras_norms import _moments
 
 
 def positions_layout_helps():
@@ -80,7 +81,7 @@ def fused_renormalization(inputs, correct, scale, offset, epsilon):
     with torch.no_grad():
         _, mean, variance = fused_batch_norm(inputs, None, None, epsilon)
     r, d = correct(mean, variance)
-    scale, offset = _stats.compose(r, d, scale, offset)
+    scale, offset = _moments.compose(r, d, scale, offset)
     outputs = torch.nn.functional.batch_norm(
         _rows(inputs), None, None, scale, offset, True, 0.0, epsilon
     )
@@ -135,9 +136,9 @@ def kernel_moments():
 
 
 def masked_moments(inputs, axes, mask):
-    """`_stats.moments` with a mask on torch, from torch's kernel over the kept
-    positions (`kernel_moments`): where the features are the last axis,
-    every other axis is reduced and the mask does not vary along the
+    """`_moments.moments` with a mask on torch, from torch's kernel over
+    the kept positions (`kernel_moments`): where the features are the last
+    axis, every other axis is reduced and the mask does not vary along the
     features (Keras's masks), in float32 or float64, eagerly. `None`
     elsewhere, and under `torch.compile` (`jit_compile=True`), which would
     break its graph at the gather whose size depends on the mask. A masked
@@ -158,22 +159,22 @@ def masked_moments(inputs, axes, mask):
 def fused_normalization(inputs, statistics, scale, offset, epsilon):
     """CBN's normalization on torch: the batch moments from torch's kernel
     (`kernel_moments`; under `torch.compile`, whose graph the autograd
-    Function would break, `_stats.moments`), `statistics` maps them,
-    `_stats.normalize` applies."""
+    Function would break, `_moments.moments`), `statistics` maps them,
+    `_moments.normalize` applies."""
     x = _rows(inputs)
     if compiling():
-        mean, variance, _ = _stats.moments(x, (0,))
+        mean, variance, _ = _moments.moments(x, (0,))
     else:
         mean, variance, _ = kernel_moments()(x, None)
     mean, variance = statistics(mean, variance)
-    outputs = _stats.normalize(
+    outputs = _moments.normalize(
         x, mean, variance, scale, offset, epsilon, (1, -1)
     )
     return outputs.reshape(inputs.shape)
 
 
 def normalize_with(inputs, mean, variance, scale, offset, epsilon, axes):
-    """`_stats.normalize_with` on torch's inference-mode kernel
+    """`_moments.normalize_with` on torch's inference-mode kernel
     (`torch.nn.functional.batch_norm`: one pass, and one for each gradient
     that is needed) where there is one feature axis that is the last (of a
     rank other than 2) or axis 1; else None (the general path)."""
@@ -246,3 +247,49 @@ def _all_reduce():
 def global_batch_program():
     """False: each process runs the step on its own batch."""
     return False
+
+
+def conv_statistic_gradients(layer, inputs, grad_y, count):
+    """`_linear.statistic_gradients` of a convolution (channels last) from
+    torch's kernel-gradient op (`torch.nn.grad.convNd_weight`) on the
+    explicitly padded input, viewed channels-first; None (the generic path)
+    for an empty batch."""
+    # torch's kernel-gradient op crashes the process (segmentation fault,
+    # torch 2.13 on CPU) on an empty batch: that one takes the generic path.
+    if 0 in inputs.shape:
+        return None
+    import torch
+
+    rank = len(layer.kernel_size)
+    weight_of = (
+        torch.nn.grad.conv1d_weight,
+        torch.nn.grad.conv2d_weight,
+        torch.nn.grad.conv3d_weight,
+    )[rank - 1]
+    first = (0, rank + 1) + tuple(range(1, rank + 1))  # features to axis 1
+    padded = _linear.pad_input(layer, inputs)
+    cin = inputs.shape[-1]
+
+    def kernel_gradient(x, g):
+        gradient = weight_of(
+            x.permute(first),
+            (g.shape[-1], cin) + tuple(layer.kernel_size),
+            g.permute(first),
+            stride=tuple(layer.strides),
+            dilation=tuple(layer.dilation_rate),
+        )  # (out, in, *kernel) -> Keras's (*kernel, in, out)
+        return gradient.permute(tuple(range(2, rank + 2)) + (1, 0))
+
+    dnu = kernel_gradient(padded, grad_y)
+    # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
+    ones = torch.ones_like(grad_y[:1, ..., :1]) / count
+    dmu = kernel_gradient(padded.sum(dim=0, keepdim=True), ones)
+    return dmu, dnu
+
+
+def no_grad():
+    """A context that records no autograd graph (`torch.no_grad`): eager
+    calls record one otherwise."""
+    import torch
+
+    return torch.no_grad()

@@ -7,7 +7,7 @@ from keras.saving import register_keras_serializable
 from keras.src.backend import get_stateless_scope
 
 from keras_norms import _checks
-from keras_norms import _stats
+from keras_norms import _moments
 from keras_norms.layers.batch_normalization import BatchNormalization
 
 
@@ -340,15 +340,15 @@ class BatchRenormalization(BatchNormalization):
         r = ops.clip(stddev / renorm_stddev, rmin, rmax)
         d = ops.clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)
 
-        update = _stats.updatable(mean, variance, count)
-        _stats.moving_average(
+        update = _moments.updatable(mean, variance, count)
+        _moments.moving_average(
             self.renorm_mean, mean, self.renorm_momentum, update
         )
-        _stats.moving_average(
+        _moments.moving_average(
             self.renorm_stddev, stddev, self.renorm_momentum, update
         )
-        _stats.moving_average(self.moving_mean, mean, self.momentum, update)
-        moving_stddev = _stats.moving_average(
+        _moments.moving_average(self.moving_mean, mean, self.momentum, update)
+        moving_stddev = _moments.moving_average(
             self.moving_stddev, stddev, self.momentum, update
         )
         self.moving_variance.assign(
@@ -358,7 +358,7 @@ class BatchRenormalization(BatchNormalization):
             )
         )
         # The callers zero an empty batch's NaN r, d with its moments
-        # (`_stats.zero_if_empty`): they would reach the weights' gradients.
+        # (`_moments.zero_if_empty`): they would reach the weights' gradients.
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def set_weights(self, weights):

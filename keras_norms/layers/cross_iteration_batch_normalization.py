@@ -11,8 +11,8 @@ from keras_norms import _axes
 from keras_norms import _backend
 from keras_norms import _checks
 from keras_norms import _linear
+from keras_norms import _moments
 from keras_norms import _reductions
-from keras_norms import _stats
 from keras_norms.layers._parameters import NormalizationParameters
 
 
@@ -239,7 +239,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         return mask if self.supports_masking else None
 
     def call(self, inputs, training=None, mask=None):
-        dtype = _stats.compute_dtype_for(inputs)
+        dtype = _moments.compute_dtype_for(inputs)
         inputs = ops.cast(inputs, dtype)
         kernel = ops.cast(self.layer.kernel, dtype)
         linear = _linear.apply(self.layer, inputs, kernel)
@@ -262,7 +262,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
         if not (training and self.trainable):
-            outputs = _stats.normalize_with(
+            outputs = _moments.normalize_with(
                 linear,
                 ops.cast(self.moving_mean, dtype),
                 ops.cast(self.moving_variance, dtype),
@@ -290,7 +290,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             )
             return ops.cast(outputs, self.compute_dtype)
         mean, variance = self._training_statistics(inputs, linear, kernel, mask)
-        outputs = _stats.normalize(
+        outputs = _moments.normalize(
             linear,
             mean,
             variance,
@@ -309,14 +309,14 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         mean, variance, count, dmu, dnu = self._batch_statistics(
             inputs, outputs, mask, moments
         )
-        update = _stats.updatable(mean, variance, count)
-        _stats.moving_average(self.moving_mean, mean, self.momentum, update)
-        _stats.moving_average(
+        update = _moments.updatable(mean, variance, count)
+        _moments.moving_average(self.moving_mean, mean, self.momentum, update)
+        _moments.moving_average(
             self.moving_variance, variance, self.momentum, update
         )
         step = ops.copy(self.step.value)  # a snapshot, before the increment
         self.step.assign_add(ops.cast(1, "int32"))
-        mean, variance = _stats.zero_if_empty(outputs, mean, variance)
+        mean, variance = _moments.zero_if_empty(outputs, mean, variance)
         if self.window_size == 1:
             return mean, variance
 
@@ -391,7 +391,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             total = ops.reshape(total, ())  # the same for every channel
             count = None if mask is None else total
         else:
-            mean, variance, count = _stats.moments(
+            mean, variance, count = _moments.moments(
                 outputs, self._reduction_axes, mask
             )
             if count is not None:  # the same for every channel

@@ -9,12 +9,12 @@ import warnings
 
 import keras
 import numpy as np
-from keras import backend
 from keras import ops
 
 from keras_norms import _axes
+from keras_norms import _backend
 from keras_norms import _linear
-from keras_norms import _stats
+from keras_norms import _moments
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import CrossIterationBatchNormalization
 from keras_norms.utils import _graph
@@ -369,11 +369,7 @@ def _check_verbose(verbose):
 
 def _inference():
     """No autograd graph during the passes (PyTorch records one)."""
-    if backend.backend() == "torch":
-        import torch
-
-        return torch.no_grad()
-    return contextlib.nullcontext()
+    return _backend.no_grad()
 
 
 @contextlib.contextmanager
@@ -418,7 +414,7 @@ def _call_order(model, targets, batches):
 def _normalized(layer, inputs, mask):
     """What `layer` takes statistics of in training, and which positions:
     NumPy arrays `(values, keep)` of shape `(positions, features)`."""
-    inputs = ops.cast(inputs, _stats.compute_dtype_for(inputs))
+    inputs = ops.cast(inputs, _moments.compute_dtype_for(inputs))
     if isinstance(layer, CrossIterationBatchNormalization):
         kernel = ops.cast(layer.layer.kernel, inputs.dtype)
         inputs = _linear.apply(layer.layer, inputs, kernel)

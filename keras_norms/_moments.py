@@ -1,8 +1,13 @@
-"""Shared batch-normalization math, written once with `keras.ops`.
+"""Moments and what the layers do with them, written once with `keras.ops`.
 
-Private module: the layers call these helpers so that each layer file reads
-as its paper's algorithm. Nothing here holds state; the helpers that update
-moving statistics take the variable and assign to it.
+Private module: per-feature moments (masked, or over the global batch via
+`_reductions`), the one rule for which statistics may update the moving
+ones (`updatable`), the safe moving average, and the normalization and
+affine maps that apply them. This is the general path on every backend,
+the reference every fast path of `_backend` is tested against; where a
+backend has a faster kernel for a case, the helper asks `_backend` first.
+Nothing here holds state; the helpers that update moving statistics take
+the variable and assign to it.
 """
 
 import math
