@@ -13,6 +13,7 @@ The relative links of README.md lead to files of the repository (the docs
 build checks its own pages' links in strict mode).
 """
 
+import doctest
 import os
 import re
 import subprocess
@@ -105,3 +106,33 @@ def test_readme_links_lead_to_files():
     assert targets
     missing = [t for t in targets if not os.path.exists(os.path.join(ROOT, t))]
     assert not missing
+
+
+def public_names():
+    """`(qualified name, object)` of every public name of the package."""
+    import keras_norms
+
+    found = []
+    for module in (keras_norms, keras_norms.callbacks, keras_norms.utils):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            seen = any(obj is other for _, other in found)
+            if callable(obj) and not seen:  # CBN is an alias
+                found.append((f"{module.__name__}.{name}", obj))
+    return found
+
+
+@pytest.mark.parametrize(
+    "name,obj", public_names(), ids=[name for name, _ in public_names()]
+)
+def test_docstring_examples_run(name, obj, tmp_path, monkeypatch):
+    """The API reference's examples (its `>>>` lines) run and print what
+    they show."""
+    monkeypatch.chdir(tmp_path)
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = [t for t in finder.find(obj, name, globs={}) if t.examples]
+    assert tests, f"{name} has no example"
+    for test in tests:
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0

@@ -27,6 +27,20 @@ class LinearRamp:
         end: Value from step `finish` on.
         begin: First step of the ramp (an int >= 0).
         finish: Last step of the ramp (an int >= `begin`).
+
+    Example:
+
+    >>> import keras_norms
+    >>> ramp = keras_norms.callbacks.LinearRamp(1.0, 3.0, 100, 300)
+    >>> [float(ramp(step)) for step in (0, 100, 200, 300, 400)]
+    [1.0, 1.0, 2.0, 3.0, 3.0]
+    >>> # The CrossQ-style switch: plain BN until step 1000, then rmax = 3.
+    >>> switch = keras_norms.callbacks.LinearRamp(1.0, 3.0, 1000, 1000)
+    >>> [float(switch(step)) for step in (999, 1000)]
+    [1.0, 3.0]
+    >>> # As a layer's schedule, outside fit():
+    >>> layer = keras_norms.BatchRenormalization()
+    >>> layer.set_clipping_schedule(rmax=ramp)
     """
 
     def __init__(self, start, end, begin, finish):
