@@ -25,14 +25,15 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
 
     Args:
         inputs: Tensor of float dtype (float32 or wider).
-        axes: Tuple of reduction axes (see `reduction_axes`).
-        mask: Optional `broadcast_mask` (boolean, of `inputs`' rank); the
-            positions where it is false take no part in the statistics.
+        axes: Tuple of reduction axes (see `_axes.reduction_axes`).
+        mask: Optional `_axes.broadcast_mask` (boolean, of `inputs`' rank);
+            the positions where it is false take no part in the statistics.
         synchronized: If `True`, the statistics are over the global batch
-            (see `synchronized_moments`), as they always are under a
-            `keras.distribution` on JAX.
+            (see `_reductions.synchronized_moments`), as they always are
+            under a `keras.distribution` on JAX.
         shift: Optional per-feature constant near the mean, shared by the
-            replicas (e.g. the moving mean), for `synchronized_moments`.
+            replicas (e.g. the moving mean), for
+            `_reductions.synchronized_moments`.
 
     Returns:
         `(mean, variance, count)`, mean and variance with the reduced axes

@@ -41,7 +41,7 @@ def all_reduce_sum(values):
 
 
 def synchronized_moments(inputs, axes, mask=None, shift=None, sums=()):
-    """`moments` over the global batch, with one all-reduce.
+    """`_moments.moments` over the global batch, with one all-reduce.
 
     Each replica sums `x - shift` and its square (and counts positions);
     these sums, plus any extra per-replica `sums` a layer needs reduced in
@@ -52,7 +52,7 @@ def synchronized_moments(inputs, axes, mask=None, shift=None, sums=()):
 
     Returns `(mean, variance, count, sums)`: `count` is the global number of
     positions (a scalar without a mask; per feature with one, as in
-    `moments`) and `sums` the globally summed extras.
+    `_moments.moments`) and `sums` the globally summed extras.
     """
     ndim = len(inputs.shape)
     feature_axes = tuple(a for a in range(ndim) if a not in axes)
