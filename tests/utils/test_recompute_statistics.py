@@ -1,6 +1,5 @@
 import doctest
 import importlib
-import time
 
 import keras
 import numpy as np
@@ -723,13 +722,20 @@ def test_verbose_0_prints_nothing(capsys):
 # Use case: tiny training batches.
 
 
-def test_digits_accuracy_after_tiny_batches():
-    """Batch size 2 and momentum 0.9: the moving averages follow the last
-    ~10 batches of 2 samples, a noisy estimate of the population (and of
-    its variance, biased by 1/2 at that batch size)."""
+def test_digits_accuracy_when_the_moving_averages_lag():
+    """One short epoch (43 steps of 32) at momentum 0.999: the moving
+    averages still hold 96% of their initial mean 0 and variance 1, and
+    the test accuracy with them is poor (0.25 to 0.83 over seeds 0-3 and
+    1234 on the three backends). Statistics recomputed over the training
+    set give what the trained network can do (0.88 to 0.93), a gain of
+    0.07 to 0.64 (0.44 to 0.54 at this seed); a `recompute_statistics`
+    that changes nothing fails. (At batch size 2 recomputing does not help:
+    the layer trained on batches of 2, whose normalized values are +-1, and
+    the population statistics lowered the accuracy by 1 to 1.5 points.)"""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    keras.utils.set_random_seed(1234)
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")
     y = digits.target.astype("int32")
@@ -740,28 +746,26 @@ def test_digits_accuracy_after_tiny_batches():
         [
             keras.Input((64,)),
             keras.layers.Dense(64, use_bias=False),
-            keras_norms.BatchNormalization(momentum=0.9),
+            keras_norms.BatchNormalization(momentum=0.999),
             keras.layers.ReLU(),
             keras.layers.Dense(10),
         ]
     )
     model.compile(
-        keras.optimizers.SGD(0.01),
+        keras.optimizers.SGD(0.1),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    start = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=2, epochs=2, verbose=0)
-    trained = time.perf_counter() - start
+    model.fit(x_train, y_train, batch_size=32, epochs=1, verbose=0)
     _, before = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
-    recompute_statistics(model, x_train, batch_size=256)
+    recompute_statistics(model, x_train, batch_size=256, verbose=0)
     _, after = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     print(
-        f"digits, batch size 2, {BACKEND}: test accuracy {before:.4f} with "
-        f"the moving averages, {after:.4f} with recomputed statistics "
-        f"(training {trained:.1f} s)"
+        f"digits, {BACKEND}: test accuracy {before:.4f} with the moving "
+        f"averages, {after:.4f} with recomputed statistics"
     )
-    assert after >= before - 0.01
+    assert after >= 0.85, (before, after)
+    assert after >= before + 0.05, (before, after)
 
 
 def test_docstring_example():
