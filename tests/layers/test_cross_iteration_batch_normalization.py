@@ -116,19 +116,19 @@ def _run_id(run):
     "gradient", [True, False], ids=["exact_gradient", "authors_gradient"]
 )
 @pytest.mark.parametrize(
-    "case,window_size,burnin,jump",
-    REFERENCE_RUNS,
+    "case,window_size,burnin,jump,masked",
+    [(*run, CASES[run[0]][2]) for run in REFERENCE_RUNS],
     ids=[_run_id(run) for run in REFERENCE_RUNS],
 )
 def test_matches_paper_reference(
-    case, window_size, burnin, jump, gradient, kernel_path
+    case, window_size, burnin, jump, masked, gradient, kernel_path
 ):
     """7 training steps with moving weights against the float64 reference of
     the same gradient convention. The other convention's reference kernel
     gradient is computed alongside and must differ: this test cannot pass
-    for both. On TensorFlow, unmasked inputs take both training paths
-    (fused kernels and general)."""
-    make, shape, masked = CASES[case]
+    for both. On TensorFlow and PyTorch, unmasked inputs take both training
+    paths (fused kernels and general)."""
+    make, shape, _ = CASES[case]
     inner = make()
     layer = keras_norms.CrossIterationBatchNormalization(
         inner,
