@@ -152,7 +152,22 @@ def test_digits_inference_example_recomputes_folds_and_exports():
 
 
 def test_fine_tune_example_compares_four_variants():
-    result = run_script("examples/fine_tune.py", "--quick")
+    # The options (shifted fine-tuning inputs, reset and re-estimated
+    # statistics) add steps to the default path, so one quick run with all
+    # of them covers both.
+    result = run_script(
+        "examples/fine_tune.py",
+        "--quick",
+        "--input-scale",
+        "127.5",
+        "--input-offset",
+        "127.5",
+        "--reset-statistics",
+        "--reestimate-statistics",
+    )
+    assert "Fine-tuning images: 127.5 * x + 127.5" in result.stdout
+    assert "moving statistics reset to 0 and 1" in result.stdout
+    assert "Moving statistics re-estimated" in result.stdout
     assert "BRN: 52 batch norms -> 52 BatchRenormalization" in result.stdout
     # MobileNetV2: 35 batch norms follow a bias-free Conv2D, 17 a depthwise
     # convolution, which CBN cannot wrap.
