@@ -376,7 +376,10 @@ def conv_statistic_gradients(layer, inputs, grad_y, count):
     dnu = kernel_gradient(inputs, grad_y)
     # Summing the batch first makes d mu / d W cost 1/N of d nu / d W.
     x_sum = tf.reduce_sum(inputs, axis=0, keepdims=True)
-    ones = tf.ones_like(grad_y[:1, ..., :1]) / count
+    # One example of ones over the output positions (not `grad_y[:1]`,
+    # which has no example when the batch is empty).
+    positions = tf.shape(grad_y)[1:-1]
+    ones = tf.ones(tf.concat([[1], positions, [1]], 0), grad_y.dtype) / count
     dmu = kernel_gradient(x_sum, ones)
     if rank == 1:
         dnu, dmu = dnu[0], dmu[0]
