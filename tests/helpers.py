@@ -285,3 +285,20 @@ def scenario_normalization(kind, synchronized):
         compensation_gradient=not kind.endswith("_authors"),
         **common,
     )
+
+
+def skip_unless_channels_first_conv_runs():
+    """Skips the calling test where Keras's own channels-first Conv2D cannot
+    run: TensorFlow's CPU convolution takes NCHW only with oneDNN, which
+    TensorFlow turns on by default on some x86 processors and not on
+    others (e.g. off on an AMD EPYC without AVX-512)."""
+    import pytest
+
+    conv = keras.layers.Conv2D(1, 1, data_format="channels_first")
+    try:
+        conv(np.zeros((1, 1, 2, 2), "float32"))
+    except Exception:  # TensorFlow's UnimplementedError
+        pytest.skip(
+            "Keras's own channels-first Conv2D does not run on this CPU "
+            "(TensorFlow without oneDNN)"
+        )

@@ -13,6 +13,7 @@ from tests.helpers import assert_config_round_trip
 from tests.helpers import assert_rounded_once
 from tests.helpers import assert_trains_alike
 from tests.helpers import random_mask
+from tests.helpers import skip_unless_channels_first_conv_runs
 from tests.helpers import to_numpy
 from tests.helpers import train_call
 
@@ -261,24 +262,8 @@ def test_uncompensated_averaging_ignores_compensation_gradient(monkeypatch):
     assert len(derivative_calls) == 1  # (the spy is in place)
 
 
-def _channels_first_conv_runs():
-    """Whether Keras's own channels-first Conv2D runs here: TensorFlow's CPU
-    convolution takes NCHW only with oneDNN, which TensorFlow turns on by
-    default on some x86 processors and not on others."""
-    conv = keras.layers.Conv2D(1, 1, data_format="channels_first")
-    try:
-        conv(np.zeros((1, 1, 2, 2), "float32"))
-    except Exception:  # TensorFlow's UnimplementedError
-        return False
-    return True
-
-
 def test_channels_first_equals_channels_last():
-    if not _channels_first_conv_runs():
-        pytest.skip(
-            "Keras's own channels-first Conv2D does not run on this CPU "
-            "(TensorFlow without oneDNN)"
-        )
+    skip_unless_channels_first_conv_runs()
     rng = np.random.default_rng(0)
     last = keras_norms.CBN(
         keras.layers.Conv2D(3, 3, strides=2, padding="same", use_bias=False),
