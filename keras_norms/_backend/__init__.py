@@ -16,7 +16,6 @@ themselves imported on first use: importing keras_norms imports neither
 TensorFlow nor PyTorch on JAX.
 """
 
-import functools
 import importlib
 
 from keras import backend
@@ -24,15 +23,21 @@ from keras import backend
 _MODULES = ("tensorflow", "torch", "jax")
 
 
-@functools.cache
-def _load(name):
-    module = name if name in _MODULES else "general"
-    return importlib.import_module(f"{__name__}.{module}")
+_LOADED = {}
 
 
 def _module():
-    """The running backend's module of fast paths."""
-    return _load(backend.backend())
+    """The running backend's module of fast paths, imported on first use.
+
+    A dict, not `functools.cache`: `torch.compile` warns at every cached
+    function it traces (and ignores the cache)."""
+    name = backend.backend()
+    module = _LOADED.get(name)
+    if module is None:
+        known = name if name in _MODULES else "general"
+        module = importlib.import_module(f"{__name__}.{known}")
+        _LOADED[name] = module
+    return module
 
 
 def positions_layout_helps():
