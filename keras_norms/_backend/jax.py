@@ -13,32 +13,22 @@ from keras import ops
 
 from keras_norms import _linear
 
+# No fast path of this backend's own for these: the general answers.
+from keras_norms._backend.general import masked_moments  # noqa: F401
+from keras_norms._backend.general import multiply_add  # noqa: F401
+from keras_norms._backend.general import normalize_with  # noqa: F401
+
 
 def positions_layout_helps():
     """No: XLA reduces both layouts alike, but compiled the train step
     around the reshape to `(positions, features)` 1.16-1.21x slower on
-    32x100x256 and 32x32x32x64 (README, "Speed")."""
+    32x100x256 and 32x32x32x64 (docs/benchmarks.md)."""
     return False
 
 
 def can_fuse(inputs):
     """False: no batch-norm kernel; XLA compiles the general path."""
     return False
-
-
-def masked_moments(inputs, axes, mask):
-    """None: masked moments take the general path."""
-    return None
-
-
-def normalize_with(inputs, mean, variance, scale, offset, epsilon, axes):
-    """None: inference takes the general path (`_moments.normalize`)."""
-    return None
-
-
-def multiply_add(inputs, scale, offset):
-    """`inputs * scale + offset`."""
-    return inputs * scale + offset
 
 
 def replica_sum():

@@ -13,6 +13,11 @@ from keras import backend
 from keras_norms import _linear
 from keras_norms import _moments
 
+# No fast path of this backend's own for these: the general answers.
+from keras_norms._backend.general import masked_moments  # noqa: F401
+from keras_norms._backend.general import multiply_add  # noqa: F401
+from keras_norms._backend.general import normalize_with  # noqa: F401
+
 # The fused kernel pays for itself above this many input elements. Below
 # it, its fixed cost outweighs the passes it saves: on 2 CPU cores with
 # oneDNN, BN/BRN train steps on the general path took 0.75-1.07x / 0.78-0.96x
@@ -286,21 +291,6 @@ def fused_normalization(inputs, statistics, scale, offset, epsilon):
         zeros if offset is None else offset,
     )
     return tf.reshape(outputs, shape)
-
-
-def masked_moments(inputs, axes, mask):
-    """None: masked moments take the general path."""
-    return None
-
-
-def normalize_with(inputs, mean, variance, scale, offset, epsilon, axes):
-    """None: inference takes the general path (`_moments.normalize`)."""
-    return None
-
-
-def multiply_add(inputs, scale, offset):
-    """`inputs * scale + offset`."""
-    return inputs * scale + offset
 
 
 def replica_sum():
