@@ -414,42 +414,37 @@ def print_differences(records, ablation=None):
     print("\nPaired differences (same seed), in points of test accuracy;")
     print("std over the seeds as in the table (NumPy's, ddof=0):\n")
     print(header)
-    for a, b in (("BRN", "BN"), ("CBN", "BN"), ("GN", "BN"), ("CBN", "GN")):
-        for setting in [(size, None) for size in iid] + noniid:
-            paired = _paired(
-                acc.get((a, *setting), {}), acc.get((b, *setting), {})
-            )
-            if paired:
-                print(_difference_row(f"{a} - {b}", name(*setting), paired))
-    for size, classes in noniid:
-        for kind in LAYERS:
-            paired = _paired(
-                acc.get((kind, size, classes), {}),
-                acc.get((kind, size, None), {}),
-            )
-            if paired:
-                print(
-                    _difference_row(
-                        f"{kind}: {classes} classes - i.i.d.",
-                        f"batch {size}",
-                        paired,
-                    )
-                )
+    # (label, setting, first cell, second cell) of each paired difference.
+    pairs = [
+        (f"{a} - {b}", name(*setting), (a, *setting), (b, *setting))
+        for a, b in (("BRN", "BN"), ("CBN", "BN"), ("GN", "BN"), ("CBN", "GN"))
+        for setting in [(size, None) for size in iid] + noniid
+    ]
+    pairs += [
+        (
+            f"{kind}: {classes} classes - i.i.d.",
+            f"batch {size}",
+            (kind, size, classes),
+            (kind, size, None),
+        )
+        for size, classes in noniid
+        for kind in LAYERS
+    ]
     if len(iid) > 1:
         small, large = min(iid), max(iid)
-        for kind in LAYERS:
-            paired = _paired(
-                acc.get((kind, small, None), {}),
-                acc.get((kind, large, None), {}),
+        pairs += [
+            (
+                f"{kind}: batch {small} - batch {large}",
+                "i.i.d.",
+                (kind, small, None),
+                (kind, large, None),
             )
-            if paired:
-                print(
-                    _difference_row(
-                        f"{kind}: batch {small} - batch {large}",
-                        "i.i.d.",
-                        paired,
-                    )
-                )
+            for kind in LAYERS
+        ]
+    for label, setting, first, second in pairs:
+        paired = _paired(acc.get(first, {}), acc.get(second, {}))
+        if paired:
+            print(_difference_row(label, setting, paired))
     if not ablation:
         return
     cbn = {}
