@@ -85,6 +85,7 @@ def worker(args, addresses, index):
         results = {"shape": shape, "channels": channels, "blocks": blocks}
         with open(os.path.join(args.out, "worker0.json"), "w") as f:
             json.dump(results, f)
+    multi_worker.disconnect()
 
 
 def report(results, workers, args):

@@ -100,6 +100,19 @@ def connect(addresses, index):
     return None
 
 
+def disconnect():
+    """Leaves the cluster once every worker is done. PyTorch: a barrier,
+    then the process group is destroyed (a gloo worker that exits while its
+    peer still holds the connection can abort at exit)."""
+    if BACKEND != "torch":
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def scope(strategy):
     """Where to build and compile the model."""
     return contextlib.nullcontext() if strategy is None else strategy.scope()
@@ -265,6 +278,7 @@ def worker(args, addresses, index):
     )
     if args.out:
         np.savez(os.path.join(args.out, f"worker{index}.npz"), **stats)
+    disconnect()
 
 
 def free_ports(count):
@@ -313,19 +327,22 @@ def launch_local_workers(command, count, timeout):
                     break
                 time.sleep(0.1)
         finally:
-            for process in processes:
-                if process.poll() is None:
+            killed = [p.poll() is None for p in processes]
+            for process, kill in zip(processes, killed):
+                if kill:
                     process.kill()
                 process.wait()
         for out, err in logs:
             out.seek(0), err.seek(0)
         codes = [p.returncode for p in processes]
         if any(codes):  # the first that failed by itself, else the first
-            i = next((i for i, c in enumerate(codes) if c > 0), 0)
+            own = [i for i, c in enumerate(codes) if c and not killed[i]]
+            i = own[0] if own else 0
+            stopped = [j for j, k in enumerate(killed) if k]
             raise RuntimeError(
-                f"worker {i} of {count} failed (exit codes {codes}; "
-                f"negative: killed, timeout {timeout} s):\n"
-                + logs[i][1].read()[-3000:]
+                f"worker {i} of {count} failed (exit codes {codes}, negative: "
+                f"a signal; stopped by the launcher: {stopped or 'none'}; "
+                f"timeout {timeout} s):\n" + logs[i][1].read()[-3000:]
             )
         return [out.read() for out, _ in logs]
 

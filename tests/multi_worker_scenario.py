@@ -149,6 +149,7 @@ def worker(out_dir, addresses, index):
         path = os.path.join(out_dir, f"collectives-worker{index}.json")
         with open(path, "w") as f:
             json.dump(torch_collectives(), f)
+    multi_worker.disconnect()
 
 
 def main(argv):

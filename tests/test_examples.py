@@ -216,6 +216,16 @@ def test_multi_worker_launcher_stops_every_worker_when_one_fails():
     with pytest.raises(RuntimeError, match="(?s)worker 1 of 2.*one broke"):
         multi_worker.launch_local_workers([sys.executable, "-c", code], 2, 60)
     assert time.monotonic() - start < 30
+    # A worker ended by a signal of its own (an abort at exit) is the one
+    # named, not the worker the launcher then stopped.
+    code = "import os, sys, time\n"
+    code += "if sys.argv[-1] == '1': print('aborting', file=sys.stderr)\n"
+    code += "if sys.argv[-1] == '1': sys.stderr.flush(); os.abort()\n"
+    code += "time.sleep(300)\n"
+    with pytest.raises(
+        RuntimeError, match=r"(?s)worker 1 of 2.*launcher: \[0\].*aborting"
+    ):
+        multi_worker.launch_local_workers([sys.executable, "-c", code], 2, 60)
     ok = "import sys; print('worker', sys.argv[-1])"
     outputs = multi_worker.launch_local_workers(
         [sys.executable, "-c", ok], 2, 60
