@@ -92,6 +92,60 @@ def test_small_batch_study_quick_writes_table_plot_and_json(tmp_path):
     ]
 
 
+def test_online_learning_quick_writes_table_plot_and_json(tmp_path, capsys):
+    png, records = tmp_path / "online.png", tmp_path / "online.json"
+    result = run_script(
+        "examples/online_learning.py",
+        "--quick",
+        "--drift-scale",
+        "2",
+        "--out",
+        str(png),
+        "--json",
+        str(records),
+    )
+    variants = ["none", "keras_bn", "bn", "brn", "cbn", "layer_norm"]
+    row = r"^\| (\w+) \| (\d+) \| (\d\.\d{3}) \((\d\.\d{3})-(\d\.\d{3})\)"
+    row += r" \| (\d\.\d{3}) \| (\d\.\d{3}) \|$"
+    rows = re.findall(row, result.stdout, re.MULTILINE)
+    assert [(v, int(b)) for v, b, *_ in rows] == [
+        (v, b) for b in (1, 4) for v in variants
+    ], result.stdout
+    for _, _, *accuracies in rows:
+        assert all(0.0 <= float(a) <= 1.0 for a in accuracies), rows
+    assert re.search(r"\[ 12/12\] layer_norm batch  4 seed 0", result.stdout)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(records.read_text())
+    assert data["recipe"]["stream"] == 120
+    runs = data["results"]
+    assert [(r["variant"], r["batch_size"]) for r in runs] == [
+        (v, b) for b in (1, 4) for v in variants
+    ]
+    for r in runs:
+        assert r["seed"] == 0 and r["seconds"] > 0, r
+        assert len(r["correct"]) == 120 and set(r["correct"]) <= {"0", "1"}
+        # One seed: the held-out mean is this run's accuracy.
+        assert 0.0 <= r["held_out_accuracy"] <= 1.0, r
+        assert r["prequential_accuracy"] == r["correct"].count("1") / 120
+    held_out = [float(mean) for _, _, mean, *_ in rows]
+    assert held_out == [round(r["held_out_accuracy"], 3) for r in runs]
+    # The records give the same table again, without training (in this
+    # process: a second one would spend its time importing Keras).
+    import os
+    import sys
+
+    from tests.helpers import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import online_learning
+
+    png.unlink()
+    online_learning.main(["--plot-from", str(records), "--out", str(png)])
+    again = capsys.readouterr().out
+    assert re.findall(row, again, re.MULTILINE) == rows
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cbn_ablation_runs_every_variant(tmp_path):
     records = tmp_path / "ablation.json"
     result = run_script(
