@@ -8,6 +8,7 @@ features-last input (`as_positions`; whether it helps is the backend's
 call, `_backend.positions_layout_helps`).
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -108,6 +109,19 @@ def mask_count(keep, inputs, axes):
         if keep.shape[a] == 1 and inputs.shape[a] != 1:
             count = count * ops.cast(ops.shape(inputs)[a], inputs.dtype)
     return count
+
+
+def position_count(inputs, axes):
+    """How many positions each feature's statistics over `axes` are taken
+    from (no mask): a Python int where those sizes are known when traced,
+    else a scalar tensor."""
+    sizes = [inputs.shape[a] for a in axes]
+    if all(isinstance(size, int) for size in sizes):
+        return math.prod(sizes)
+    features = math.prod(
+        inputs.shape[a] for a in range(len(inputs.shape)) if a not in axes
+    )
+    return ops.size(inputs) // features
 
 
 def as_positions(inputs, mask=None):

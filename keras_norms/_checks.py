@@ -43,3 +43,20 @@ def check_unit_interval(name, value):
             f"Argument `{name}` must be in [0, 1). Received: {name}={value}"
         )
     return value
+
+
+def check_choice(name, value, choices):
+    """`value` if it is one of the strings `choices`, else a ValueError
+    (TypeError for a non-string) naming `name` and the accepted values."""
+    accepted = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(
+            f"Argument `{name}` must be one of {accepted}. "
+            f"Received: {name}={value!r}"
+        )
+    if value not in choices:
+        raise ValueError(
+            f"Argument `{name}` must be one of {accepted}. "
+            f"Received: {name}={value!r}"
+        )
+    return value

@@ -11,6 +11,7 @@ the variable and assign to it.
 """
 
 import math
+import warnings
 
 from keras import backend
 from keras import ops
@@ -38,8 +39,10 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
     Returns:
         `(mean, variance, count)`, mean and variance with the reduced axes
         removed. `count` is the number of positions that entered the
-        statistics when `mask` is given (per feature, of size 1 along a
-        feature axis where the mask does not vary), else `None`. With every
+        statistics: with `mask`, per feature (of size 1 along a feature
+        axis where the mask does not vary); without, the same for every
+        feature (`_axes.position_count`: a Python int where the shape is
+        known; over the global batch when synchronized). With every
         position masked, mean and variance are 0 (never NaN).
     """
     if synchronized or _backend.global_batch_program():
@@ -47,7 +50,7 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
         mean, variance, count, _ = _reductions.synchronized_moments(
             inputs, axes, mask, shift
         )
-        return mean, variance, None if mask is None else count
+        return mean, variance, count
     if mask is None:
         # Two passes on every backend (as tf.nn.moments does): Keras's torch
         # backend uses E[x^2] - E[x]^2, which loses the variance to float32
@@ -55,7 +58,8 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
         mean = ops.mean(inputs, axis=axes, keepdims=True)
         centered = inputs - ops.stop_gradient(mean)
         variance = ops.mean(ops.square(centered), axis=axes)
-        return ops.squeeze(mean, axis=axes), variance, None
+        count = _axes.position_count(inputs, axes)
+        return ops.squeeze(mean, axis=axes), variance, count
     fast = _backend.masked_moments(inputs, axes, mask)
     if fast is not None:
         return fast
@@ -69,15 +73,58 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
     return tuple(ops.squeeze(v, axis=axes) for v in (mean, variance, count))
 
 
-def updatable(mean, variance, count=None):
+def updatable(mean, variance, count, minimum=2):
     """Per feature, whether a batch's statistics may enter the moving ones:
     both finite (an empty batch's are NaN, and so are those of a feature
-    with a NaN or inf in the batch) and, with a mask, from at least one
-    position. The one rule every layer's statistics updates follow."""
+    with a NaN or inf in the batch) and taken from at least `minimum`
+    values: `count` positions (see `moments`; a Python int or a tensor).
+    One value per feature (a `Dense` output at batch size 1) has variance
+    0 whatever the data: it estimates nothing, and would pull the moving
+    variance towards 0. The one rule every layer's statistics updates
+    follow; CBN stores a step of one value in its window (`minimum=1`),
+    where the other steps give it a spread."""
     update = ops.isfinite(mean + variance)  # one test for both
-    if count is not None:
-        update = ops.logical_and(update, count > 0)
-    return update
+    if isinstance(count, int):  # known when traced: no test at run time
+        return update if count >= minimum else ops.zeros_like(update)
+    return ops.logical_and(update, count >= minimum)
+
+
+def warn_if_one_value(layer, count):
+    """Warns, once per layer, when a training batch gives each feature one
+    value (`count`, positions per feature, equals 1: a `Dense` output at
+    batch size 1): its variance is 0, every normalized output is the same,
+    and nothing before the layer can learn through it.
+
+    A count known when the step is traced (eager calls, JAX, PyTorch,
+    TensorFlow with a known batch size) is checked in Python, at no cost
+    per step; an unknown one on TensorFlow (e.g. after `fit()` met a batch
+    of another size) by `_backend.warn_when`."""
+    if getattr(layer, "_warned_one_value", False):
+        return
+
+    def warn():
+        if getattr(layer, "_warned_one_value", False):
+            return
+        layer._warned_one_value = True
+        warnings.warn(
+            f"{type(layer).__name__} {layer.name!r} got a training batch "
+            "with one value per feature (e.g. batch size 1 after a Dense "
+            "layer): its batch variance is 0, so every output is the same "
+            "and nothing before this layer learns through it; such a batch "
+            "does not update the moving statistics. For online learning "
+            "use keras_norms.CrossIterationBatchNormalization(Dense(..., "
+            "use_bias=False), window_size=8), which normalizes with the "
+            "statistics of the last steps, or keras.layers."
+            "LayerNormalization, or batches of 2 or more. (Warned once per "
+            "layer.)",
+            UserWarning,
+        )
+
+    if isinstance(count, int):
+        if count == 1:
+            warn()
+        return
+    _backend.warn_when(ops.equal(count, 1), warn)
 
 
 def zero_if_empty(inputs, *statistics):

@@ -85,11 +85,13 @@ def normalize_inference(x, feature_axes, mean, var, gamma, beta, eps):
 
 
 def ema(old, new, momentum, count=None):
-    """The moving average; features with a `count` of 0 keep `old`."""
+    """The moving average; features whose statistics come from fewer than
+    2 values (`count`: none, or one, whose variance 0 estimates nothing)
+    keep `old`."""
     moved = np.asarray(old) * momentum + np.asarray(new) * (1 - momentum)
     if count is None:
         return moved
-    return np.where(np.asarray(count) > 0, moved, np.asarray(old, np.float64))
+    return np.where(np.asarray(count) >= 2, moved, np.asarray(old, np.float64))
 
 
 def renorm_correction(mean_b, var_b, renorm_mean, renorm_std, eps, rmax, dmax):
@@ -206,7 +208,9 @@ class CBNReference:
         eps,
         momentum,
         compensation_gradient=True,
+        negative_variance="clamp",
     ):
+        self.negative_variance = negative_variance
         self.k = window_size
         self.burnin = burnin_steps
         self.compensation = compensation
@@ -244,12 +248,15 @@ class CBNReference:
             mus, nus = self._past(W)
         total_mu, total_nu, count = mu.copy(), nu.copy(), np.ones_like(mu)
         for m, v, use in zip(mus, nus, uses):
+            if self.negative_variance == "clamp":
+                v = np.maximum(v, m**2)  # eq. (9): max(nu, mu^2)
             total_mu += use * m
             total_nu += use * v
             count += use
         mean = total_mu / count  # eq. (8)
         var = total_nu / count - mean**2  # eq. (9)
-        return gamma * (y - mean) / np.sqrt(var + self.eps) + beta
+        out = gamma * (y - mean) / np.sqrt(var + self.eps) + beta
+        return out, mean, var, count
 
     def train(self, x, to_patches, W, gamma, beta, dy, w=None, h=1e-6):
         """One training step on input `x`, with `to_patches(x)` (M, D).
@@ -265,16 +272,20 @@ class CBNReference:
         w = np.ones(len(P)) if w is None else np.asarray(w, np.float64)
         mus, nus = self._past(W)
         active = self.step >= self.burnin
-        uses = [
-            ((v - m**2) >= 0).astype(float) * active for m, v in zip(mus, nus)
-        ]
+        if self.negative_variance == "clamp":  # the paper's eq. (9)
+            uses = [np.full(W.shape[1], float(active)) for _ in mus]
+        else:  # the authors' code: left out of the channel's average
+            uses = [
+                ((v - m**2) >= 0).astype(float) * active
+                for m, v in zip(mus, nus)
+            ]
         past = (mus, nus, uses)
 
         def loss(x_, W_):
             out_ = self._forward(to_patches(x_), W_, w, gamma, beta, past)
-            return (dy * out_).sum()
+            return (dy * out_[0]).sum()
 
-        out = self._forward(P, W, w, gamma, beta, past)
+        out, mean, var, steps = self._forward(P, W, w, gamma, beta, past)
         dx, dW = np.zeros_like(x), np.zeros_like(W)
         for grad, arr, which in ((dx, x, 0), (dW, W, 1)):
             for idx in np.ndindex(*arr.shape):
@@ -292,11 +303,12 @@ class CBNReference:
         dbeta = dy.sum(0)
 
         y, mu, nu, n = self._current(P, W, w)
-        var = (w[:, None] * (y - mu) ** 2).sum(0) / max(n, 1.0)
-        if n > 0:
-            m = self.momentum
-            self.moving_mean = self.moving_mean * m + mu * (1 - m)
-            self.moving_variance = self.moving_variance * m + var * (1 - m)
+        # The moving statistics follow the window's (those the step
+        # normalizes with), from n values per step of the window.
+        m = self.momentum
+        values = n * steps
+        self.moving_mean = ema(self.moving_mean, mean, m, values)
+        self.moving_variance = ema(self.moving_variance, var, m, values)
         if self.k > 1 and active and n > 0:
             dmu = (w[:, None] * P).sum(0) / n  # d mu / d W[:, c], any c
             dnu = 2 * (w[:, None] * P).T @ y / n  # d nu / d W

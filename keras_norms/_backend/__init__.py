@@ -135,6 +135,15 @@ def conv_statistic_gradients(layer, inputs, grad_y, count):
     return _module().conv_statistic_gradients(layer, inputs, grad_y, count)
 
 
+def warn_when(condition, warn):
+    """Calls the Python function `warn()` when the scalar boolean tensor
+    `condition` is true at run time, where the backend can (TensorFlow's
+    graphs through `tf.py_function`, not under XLA; eager tensors); for
+    the conditions that a trace cannot decide, e.g. a batch size unknown
+    when TensorFlow traced the step."""
+    return _module().warn_when(condition, warn)
+
+
 def no_grad():
     """A context in which calls record no gradient (PyTorch's eager calls
     record an autograd graph otherwise)."""

@@ -51,3 +51,10 @@ def conv_statistic_gradients(layer, inputs, grad_y, count):
 def no_grad():
     """A context that records no gradient: nothing to do."""
     return contextlib.nullcontext()
+
+
+def warn_when(condition, warn):
+    """Calls `warn()` if the scalar boolean tensor `condition` is true
+    (eager tensors only)."""
+    if bool(condition):
+        warn()

@@ -95,3 +95,13 @@ def no_grad():
     """A context that records no gradient: nothing to do (JAX records
     nothing outside a transformation)."""
     return contextlib.nullcontext()
+
+
+def warn_when(condition, warn):
+    """Calls `warn()` if the scalar boolean `condition` is true: at once
+    for a concrete value; under `jax.jit` nothing (the layers ask only
+    about sizes, which JAX always knows when it traces)."""
+    import jax
+
+    if not isinstance(condition, jax.core.Tracer) and bool(condition):
+        warn()

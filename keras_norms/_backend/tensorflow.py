@@ -380,3 +380,29 @@ def no_grad():
     """A context that records no gradient: nothing to do (TensorFlow
     records only under a `GradientTape`)."""
     return contextlib.nullcontext()
+
+
+def warn_when(condition, warn):
+    """Calls `warn()` (Python) if the scalar boolean tensor `condition` is
+    true when the step runs: at once when eager; in a `tf.function`, a
+    `tf.py_function` in the true branch of a `tf.cond` (a few microseconds
+    in the steps where it holds); nothing under XLA, which cannot run
+    Python."""
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        if bool(condition):
+            warn()
+        return
+    if _in_xla_compilation():
+        return
+
+    def call_warn():
+        warn()
+        return 0
+
+    tf.cond(
+        condition,
+        lambda: tf.py_function(call_warn, [], tf.int32),
+        lambda: tf.constant(0, tf.int32),
+    )

@@ -293,3 +293,11 @@ def no_grad():
     import torch
 
     return torch.no_grad()
+
+
+def warn_when(condition, warn):
+    """Calls `warn()` if the scalar boolean `condition` is true; nothing
+    under `torch.compile`, where reading it would break the graph (eager
+    torch knows every size, so the layers rarely ask)."""
+    if not compiling() and bool(condition):
+        warn()

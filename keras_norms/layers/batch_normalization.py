@@ -41,6 +41,13 @@ class BatchNormalization(NormalizationParameters, Layer):
     As in Keras, setting `trainable = False` freezes the layer *and* puts it
     in inference mode, which is what fine-tuning needs.
 
+    A training batch with one value per feature (a `Dense` output at batch
+    size 1: online learning) has variance 0, so every output is `beta` and
+    nothing before the layer learns. The layer then warns, once, and such
+    a batch leaves the moving statistics as they are (Keras's BN pulls the
+    moving variance towards 0). `CrossIterationBatchNormalization` with a
+    window, or `keras.layers.LayerNormalization`, learn there.
+
     float16 and bfloat16 inputs are normalized in float32 and the result is
     cast to the layer's compute dtype; the weights stay float32.
 
@@ -203,7 +210,12 @@ class BatchNormalization(NormalizationParameters, Layer):
         dtype = inputs.dtype
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
-        if not (training and self.trainable):
+        training = training and self.trainable
+        if training and not self.synchronized:
+            _moments.warn_if_one_value(
+                self, _axes.position_count(inputs, self._reduction_axes)
+            )
+        if not training:
             outputs = _moments.normalize_with(
                 inputs,
                 ops.cast(self.moving_mean, dtype),
@@ -216,6 +228,7 @@ class BatchNormalization(NormalizationParameters, Layer):
         elif mask is None and _backend.can_fuse(
             inputs, self._feature_axes, self.synchronized
         ):
+            positions = _axes.position_count(inputs, self._reduction_axes)
             # TensorFlow's fused kernel (large inputs, not under XLA): one
             # kernel for the moments and the normalization, and a fused
             # gradient (a train step 0.72x Keras's BN on 32x32x32x64, 0.56x
@@ -224,11 +237,11 @@ class BatchNormalization(NormalizationParameters, Layer):
                 outputs, mean, variance = _backend.fused_batch_norm(
                     inputs, gamma, beta, self.epsilon
                 )
-                self.update_statistics(mean, variance, None)
+                self.update_statistics(mean, variance, positions)
             else:  # r and d need the moments: applied after the kernel
                 outputs = _backend.fused_renormalization(
                     inputs,
-                    lambda m, v: self.update_statistics(m, v, None),
+                    lambda m, v: self.update_statistics(m, v, positions),
                     gamma,
                     beta,
                     self.epsilon,
@@ -272,7 +285,8 @@ class BatchNormalization(NormalizationParameters, Layer):
     def update_statistics(self, mean, variance, count):
         """Updates the statistics from a training batch's moments.
 
-        `count` is the number of unmasked positions (None without a mask).
+        `count` is the number of (unmasked) positions per feature, as
+        `_moments.moments` returns it.
         Returns `None` (the batch is normalized with its own moments) or a
         correction `(r, d)`: `x_hat * r + d` replaces `x_hat`
         (renormalization).

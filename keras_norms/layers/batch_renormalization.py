@@ -46,6 +46,12 @@ class BatchRenormalization(BatchNormalization):
     of training steps), so they change during training without retracing,
     are saved with the model and resume after loading.
 
+    At one value per feature (a `Dense` output at batch size 1) the batch
+    variance is 0 and the output is `gamma * d + beta`, a constant in the
+    backward pass: nothing before the layer learns. As `BatchNormalization`
+    does, the layer warns once and such a batch leaves every running
+    statistic as it is.
+
     Args:
         axis: Integer or list of integers, the feature axis or axes.
             Defaults to `-1`.
@@ -351,10 +357,13 @@ class BatchRenormalization(BatchNormalization):
         moving_stddev = _moments.moving_average(
             self.moving_stddev, stddev, self.momentum, update
         )
+        # Keras's convention (the variance from the stddev), where the
+        # batch updated the statistics.
+        variance = ops.relu(ops.square(moving_stddev) - self.epsilon)
+        old = ops.cast(self.moving_variance, dtype)
         self.moving_variance.assign(
             ops.cast(
-                ops.relu(ops.square(moving_stddev) - self.epsilon),
-                self.moving_variance.dtype,
+                ops.where(update, variance, old), self.moving_variance.dtype
             )
         )
         # The callers zero an empty batch's NaN r, d with its moments

@@ -39,14 +39,20 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
       with `compensation_gradient=True` (the default) the gradient flows
       through these terms, whose derivative with respect to `W_t` is the
       stored `dmu_{t-tau}/dW` (resp. `dnu`);
-    - steps whose compensated variance `nu - mu^2` is negative for a channel
-      are left out of that channel's average (the current step never is);
+    - a compensated `nu` below `mu^2` (a negative variance: the first-order
+      step drops a square) is raised to `mu^2`, as in the paper's Eq. 9
+      (`negative_variance="clamp"`; the authors' code instead leaves that
+      step out of the channel's average: `"exclude"`);
     - `y` is normalized by the average mean and by the average `nu` minus
       the squared average mean, then scaled by `gamma` and shifted by `beta`.
 
-    The moving statistics for inference are updated from the current batch
-    alone, as in `BatchNormalization`, and **inference** is exactly batch
-    normalization with them. For the first `burnin_steps` training steps the
+    The moving statistics for inference follow the statistics each step
+    normalizes with (the window's average), and **inference** is exactly
+    batch normalization with them. Batch size 1 works: a `Dense` output has
+    one value per channel and step, whose variance is 0, but the window's
+    means spread (online learning; see the guide). The moving statistics
+    skip a step whose window holds a single value per channel (the first
+    step at batch size 1): its variance estimates nothing. For the first `burnin_steps` training steps the
     layer is plain batch normalization; statistics enter the buffer from
     then on. `window_size=1` is batch normalization of the wrapped layer's
     output; `compensation=False` averages the stale statistics as they are
@@ -88,6 +94,13 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             hurts training from scratch (see the README's ablation). Costs
             one elementwise product per earlier step in the backward pass.
             Ignored without `compensation`. Defaults to `True`.
+        negative_variance: What an earlier step whose compensated variance
+            is negative contributes to a channel: `"clamp"` (the paper's
+            Eq. 9: its mean, with variance 0) or `"exclude"` (nothing, as
+            in the authors' code). At one value per channel (a `Dense` at
+            batch size 1) every earlier step's compensated variance is
+            negative, and `"exclude"` makes the layer batch normalization,
+            which learns nothing there. Defaults to `"clamp"`.
         momentum: Momentum of the moving statistics, in [0, 1). Defaults to
             `0.99`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
@@ -145,6 +158,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         burnin_steps=0,
         compensation=True,
         compensation_gradient=True,
+        negative_variance="clamp",
         momentum=0.99,
         epsilon=1e-3,
         center=True,
@@ -172,6 +186,9 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         self.compensation = _checks.check_bool("compensation", compensation)
         self.compensation_gradient = _checks.check_bool(
             "compensation_gradient", compensation_gradient
+        )
+        self.negative_variance = _checks.check_choice(
+            "negative_variance", negative_variance, ("clamp", "exclude")
         )
         self.init_parameters(
             momentum=momentum,
@@ -309,15 +326,14 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         mean, variance, count, dmu, dnu = self._batch_statistics(
             inputs, outputs, mask, moments
         )
-        update = _moments.updatable(mean, variance, count)
-        _moments.moving_average(self.moving_mean, mean, self.momentum, update)
-        _moments.moving_average(
-            self.moving_variance, variance, self.momentum, update
-        )
         step = ops.copy(self.step.value)  # a snapshot, before the increment
         self.step.assign_add(ops.cast(1, "int32"))
         mean, variance = _moments.zero_if_empty(outputs, mean, variance)
         if self.window_size == 1:
+            if not self.synchronized:
+                _moments.warn_if_one_value(self, count)
+            update = _moments.updatable(mean, variance, count)
+            self._update_moving(mean, variance, update)
             return mean, variance
 
         # Earlier steps, brought to the current kernel: linear in it, and
@@ -340,8 +356,11 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             past_nu = past_nu + ops.sum(past_dnu * delta, axis=kernel_axes)
         past_var = past_nu - ops.square(past_mu)
         filled = ops.arange(self.window_size - 1) < self.filled
-        use = ops.logical_and(filled[:, None], past_var >= 0)
-        use = ops.logical_and(use, step >= self.burnin_steps)
+        use = ops.logical_and(filled[:, None], step >= self.burnin_steps)
+        if self.negative_variance == "clamp":
+            past_var = ops.maximum(past_var, 0.0)
+        else:
+            use = ops.logical_and(use, past_var >= 0)
         use = ops.cast(use, dtype)
 
         # Average of means; variance = mean of variances + variance of means
@@ -353,17 +372,35 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         avg_var = (variance + ops.sum(use * past_var, axis=0) + spread) / n
 
-        self._push(kernel, mean, variance, dmu, dnu, update, step)
+        # The moving statistics follow the ones this step normalizes with
+        # (the window's), which have values to spread even at one value
+        # per feature and step; `count * n` counts them (the steps of the
+        # window as large as this one).
+        values = ops.cast(count, dtype) * n
+        self._update_moving(
+            avg_mean, avg_var, _moments.updatable(avg_mean, avg_var, values)
+        )
+        # A step of one value per feature is stored: with the others it
+        # makes a spread.
+        valid = _moments.updatable(mean, variance, count, minimum=1)
+        self._push(kernel, mean, variance, dmu, dnu, valid, step)
         return avg_mean, avg_var
+
+    def _update_moving(self, mean, variance, update):
+        mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
+        _moments.moving_average(self.moving_mean, mean, self.momentum, update)
+        _moments.moving_average(
+            self.moving_variance, variance, self.momentum, update
+        )
 
     def _batch_statistics(self, inputs, outputs, mask, moments=None):
         """This step's moments of `outputs` (or the given `moments`) and,
         with a window, their derivatives d mu / d W and d nu / d W
         (constants).
 
-        Returns `(mean, variance, count, dmu, dnu)`, `count` None without a
-        mask, `dmu`/`dnu` None when `window_size == 1` or without
-        `compensation`. With `synchronized`,
+        Returns `(mean, variance, count, dmu, dnu)`: `count` the positions
+        per channel (`_moments.moments`), `dmu`/`dnu` None when
+        `window_size == 1` or without `compensation`. With `synchronized`,
         all are over the global batch, from one all-reduce of the replicas'
         sums.
         """
@@ -379,40 +416,36 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 ops.ones((), outputs.dtype),
             )
         if moments is not None:
-            (mean, variance), count, total = moments, None, None
+            mean, variance = moments
+            count = _axes.position_count(outputs, self._reduction_axes)
         elif self.synchronized or _backend.global_batch_program():
-            mean, variance, total, sums = _reductions.synchronized_moments(
+            mean, variance, count, sums = _reductions.synchronized_moments(
                 outputs,
                 self._reduction_axes,
                 mask,
                 shift=ops.cast(self.moving_mean, outputs.dtype),
                 sums=sums,
             )
-            total = ops.reshape(total, ())  # the same for every channel
-            count = None if mask is None else total
+            count = ops.reshape(count, ())  # the same for every channel
         else:
             mean, variance, count = _moments.moments(
                 outputs, self._reduction_axes, mask
             )
-            if count is not None:  # the same for every channel
+            if mask is not None:  # the same for every channel
                 count = ops.reshape(count, ())
-            total = count
-        if total is None:
-            total = ops.cast(
-                ops.size(outputs) // outputs.shape[self._channel_axis],
-                outputs.dtype,
-            )
         if not sums:
             return mean, variance, count, None, None
-        dmu, dnu = (s / ops.maximum(total, 1.0) for s in sums)
+        total = ops.maximum(ops.cast(count, outputs.dtype), 1.0)
+        dmu, dnu = (s / total for s in sums)
         return mean, variance, count, dmu, dnu
 
     def _push(self, kernel, mean, variance, dmu, dnu, update, step):
         """Stores this step's statistics and derivatives in the buffer: not
-        during burn-in, and not when any channel's statistics may not enter
-        the moving ones (`update`, e.g. an empty or all-masked batch, a NaN
-        or inf): one window position holds one step for every channel,
-        whose shared `dmu` is not finite whenever the input is not."""
+        during burn-in, and not when any channel's statistics are invalid
+        (`update` false: an empty or all-masked batch, a NaN or inf; one
+        value per feature is valid here): one window position holds one
+        step for every channel, whose shared `dmu` is not finite whenever
+        the input is not."""
         push = ops.logical_and(step >= self.burnin_steps, ops.all(update))
         values = [
             (self.past_kernel, ops.stop_gradient(kernel)),
@@ -442,6 +475,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             "burnin_steps": self.burnin_steps,
             "compensation": self.compensation,
             "compensation_gradient": self.compensation_gradient,
+            "negative_variance": self.negative_variance,
             **self.parameters_config(),
             "synchronized": self.synchronized,
         }

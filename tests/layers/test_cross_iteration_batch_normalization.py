@@ -38,6 +38,11 @@ CASES = {
     "dense_mask": (_dense(4), (10, 5), True),
     "dense_seq": (_dense(3), (3, 5, 4), False),
     "dense_seq_mask": (_dense(3), (3, 5, 4), True),
+    # Batch size 1: one value per feature (online learning), a sequence,
+    # and an image.
+    "dense_b1": (_dense(4), (1, 5), False),
+    "dense_seq_b1": (_dense(3), (1, 4, 4), False),
+    "conv2d_b1": (_conv(2, 3, 3, padding="same"), (1, 5, 5, 2), False),
     "conv1d_causal_d2": (
         _conv(1, 3, 3, padding="causal", dilation_rate=2),
         (2, 9, 2),
@@ -86,43 +91,61 @@ def _to_patches(layer):
     ).reshape(-1, np.prod(layer.kernel_size) * x.shape[-1])
 
 
-# (case, window_size, burnin_steps, kernel jump per step)
+# (case, window_size, burnin_steps, kernel jump per step, negative_variance)
 REFERENCE_RUNS = [
-    ("dense", 4, 2, 0.2),
-    ("dense_mask", 2, 0, 0.2),
-    ("dense_seq", 3, 0, 0.2),
-    ("dense_seq_mask", 3, 1, 0.2),
-    ("conv1d_causal_d2", 3, 0, 0.2),
-    ("conv1d_valid_s2", 4, 1, 0.2),
-    ("conv2d_same_s1", 4, 2, 0.2),
-    ("conv2d_same_s2", 4, 0, 0.2),
-    ("conv2d_valid_s1", 3, 1, 0.2),
-    ("conv2d_valid_s2", 2, 2, 0.2),
-    ("conv2d_same_d2", 3, 0, 0.2),
-    ("conv3d_same_s2", 3, 0, 0.2),
-    ("conv3d_valid_s1", 2, 1, 0.2),
-    # Weight jumps large enough that compensated variances turn
-    # negative and those steps leave the average for that channel.
-    ("dense", 4, 0, 3.0),
-    ("conv2d_same_s1", 4, 0, 3.0),
+    ("dense", 4, 2, 0.2, "clamp"),
+    ("dense_mask", 2, 0, 0.2, "clamp"),
+    ("dense_seq", 3, 0, 0.2, "clamp"),
+    ("dense_seq_mask", 3, 1, 0.2, "clamp"),
+    ("conv1d_causal_d2", 3, 0, 0.2, "clamp"),
+    ("conv1d_valid_s2", 4, 1, 0.2, "clamp"),
+    ("conv2d_same_s1", 4, 2, 0.2, "clamp"),
+    ("conv2d_same_s2", 4, 0, 0.2, "clamp"),
+    ("conv2d_valid_s1", 3, 1, 0.2, "clamp"),
+    ("conv2d_valid_s2", 2, 2, 0.2, "clamp"),
+    ("conv2d_same_d2", 3, 0, 0.2, "clamp"),
+    ("conv3d_same_s2", 3, 0, 0.2, "clamp"),
+    ("conv3d_valid_s1", 2, 1, 0.2, "clamp"),
+    # Weight jumps large enough that compensated variances turn negative:
+    # clamped to 0 (the paper's eq. 9), or the step left out of that
+    # channel's average (the authors' code).
+    ("dense", 4, 0, 3.0, "clamp"),
+    ("dense", 4, 0, 3.0, "exclude"),
+    ("conv2d_same_s1", 4, 0, 3.0, "clamp"),
+    ("conv2d_same_s1", 4, 0, 3.0, "exclude"),
+    # Batch size 1. A Dense output has one value per channel: every
+    # compensated variance is negative (-(x . dW)^2), so the clamp keeps
+    # each step's mean and the exclusion drops every step.
+    ("dense_b1", 4, 0, 0.2, "clamp"),
+    ("dense_b1", 4, 1, 0.2, "exclude"),
+    ("dense_seq_b1", 3, 0, 0.2, "clamp"),
+    ("conv2d_b1", 3, 0, 0.2, "clamp"),
 ]
 
 
 def _run_id(run):
-    case, window, burnin, jump = run
-    return f"{case}-k{window}-burnin{burnin}" + ("-jump" if jump > 1 else "")
+    case, window, burnin, jump, negative = run
+    name = f"{case}-k{window}-burnin{burnin}" + ("-jump" if jump > 1 else "")
+    return name + ("" if negative == "clamp" else "-exclude")
 
 
 @pytest.mark.parametrize(
     "gradient", [True, False], ids=["exact_gradient", "authors_gradient"]
 )
 @pytest.mark.parametrize(
-    "case,window_size,burnin,jump,masked",
+    "case,window_size,burnin,jump,negative_variance,masked",
     [(*run, CASES[run[0]][2]) for run in REFERENCE_RUNS],
     ids=[_run_id(run) for run in REFERENCE_RUNS],
 )
 def test_matches_paper_reference(
-    case, window_size, burnin, jump, masked, gradient, kernel_path
+    case,
+    window_size,
+    burnin,
+    jump,
+    negative_variance,
+    masked,
+    gradient,
+    kernel_path,
 ):
     """7 training steps with moving weights against the float64 reference of
     the same gradient convention. The other convention's reference kernel
@@ -136,6 +159,7 @@ def test_matches_paper_reference(
         window_size=window_size,
         burnin_steps=burnin,
         compensation_gradient=gradient,
+        negative_variance=negative_variance,
         momentum=0.8,
         epsilon=EPS,
     )
@@ -145,7 +169,7 @@ def test_matches_paper_reference(
     channels = kernel.shape[-1]
     ref, other = (
         references.CBNReference(
-            channels, window_size, burnin, True, EPS, 0.8, g
+            channels, window_size, burnin, True, EPS, 0.8, g, negative_variance
         )
         for g in (gradient, not gradient)
     )
@@ -195,14 +219,17 @@ def test_matches_paper_reference(
             ref.moving_variance,
             f"variance, {what}",
         )
-    # Earlier steps entered the statistics, and with large jumps some
-    # were left out.
-    assert 0 < used <= available
-    if jump > 1.0:
-        assert used < available
+    # Earlier steps entered the statistics; clamped, all of them; left
+    # out, some with large jumps and all at one value per channel.
+    if negative_variance == "clamp":
+        assert 0 < used == available
+    elif case == "dense_b1":
+        assert used == 0 < available
+    else:
+        assert 0 < used < available
     # The two conventions' kernel gradients differ by far more than the
-    # tolerance above.
-    assert apart > 1e-2, apart
+    # tolerance above (where earlier steps were used).
+    assert apart > 1e-2 or used == 0, apart
 
 
 def test_uncompensated_averaging_ignores_compensation_gradient(monkeypatch):
