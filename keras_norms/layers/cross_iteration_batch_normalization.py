@@ -52,9 +52,9 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     one value per channel and step, whose variance is 0, but the window's
     means spread (online learning; see the guide). The moving statistics
     skip a step whose window holds a single value per channel (the first
-    step at batch size 1): its variance estimates nothing. For the first `burnin_steps` training steps the
-    layer is plain batch normalization; statistics enter the buffer from
-    then on. `window_size=1` is batch normalization of the wrapped layer's
+    step at batch size 1): its variance estimates nothing. For the first
+    `burnin_steps` training steps the layer is plain batch normalization;
+    statistics enter the buffer from then on. `window_size=1` is batch normalization of the wrapped layer's
     output; `compensation=False` averages the stale statistics as they are
     (the paper's naive baseline).
 
