@@ -54,9 +54,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     skip a step whose window holds a single value per channel (the first
     step at batch size 1): its variance estimates nothing. For the first
     `burnin_steps` training steps the layer is plain batch normalization;
-    statistics enter the buffer from then on. `window_size=1` is batch normalization of the wrapped layer's
-    output; `compensation=False` averages the stale statistics as they are
-    (the paper's naive baseline).
+    statistics enter the buffer from then on. `window_size=1` is batch
+    normalization of the wrapped layer's output; `compensation=False`
+    averages the stale statistics as they are (the paper's naive
+    baseline).
 
     The buffer (earlier kernels, statistics and their derivatives, the
     number filled and the step count) is non-trainable layer state: it works
