@@ -89,6 +89,30 @@ def updatable(mean, variance, count, minimum=2):
     return ops.logical_and(update, count >= minimum)
 
 
+def one_value(count):
+    """Whether statistics over `count` positions (see `moments`) come from
+    a single value per feature: a Python bool where `count` is a Python
+    int, else a boolean tensor."""
+    if isinstance(count, int):
+        return count == 1
+    return ops.equal(count, 1)
+
+
+def streaming_moments(mean, stddev, value, momentum, epsilon):
+    """Exponentially weighted mean and stddev after one more value per
+    feature (`value`), for statistics kept as a mean and
+    `stddev = sqrt(variance + epsilon)`: with `delta = value - mean`,
+    `mean += (1 - momentum) * delta` and `variance = momentum * (variance
+    + (1 - momentum) * delta**2)` (the variance of the same exponential
+    weights). A batch of one value per feature has no variance of its own;
+    its deviation from the running mean has. Returns the new
+    `(mean, stddev)`."""
+    delta = value - mean
+    variance = ops.relu(ops.square(stddev) - epsilon)
+    variance = momentum * (variance + (1.0 - momentum) * ops.square(delta))
+    return mean + (1.0 - momentum) * delta, ops.sqrt(variance + epsilon)
+
+
 def warn_if_one_value(layer, count):
     """Warns, once per layer, when a training batch gives each feature one
     value (`count`, positions per feature, equals 1: a `Dense` output at
@@ -109,22 +133,21 @@ def warn_if_one_value(layer, count):
         warnings.warn(
             f"{type(layer).__name__} {layer.name!r} got a training batch "
             "with one value per feature (e.g. batch size 1 after a Dense "
-            "layer): its batch variance is 0, so every output is the same "
-            "and nothing before this layer learns through it; such a batch "
-            "does not update the moving statistics. For online learning "
-            "use keras_norms.CrossIterationBatchNormalization(Dense(..., "
-            "use_bias=False), window_size=8), which normalizes with the "
-            "statistics of the last steps, or keras.layers."
-            "LayerNormalization, or batches of 2 or more. (Warned once per "
-            "layer.)",
+            f"layer): its batch variance is 0. {layer.ONE_VALUE_BEHAVIOUR} "
+            "For online learning, keras_norms."
+            "CrossIterationBatchNormalization(Dense(..., use_bias=False), "
+            "window_size=8) normalizes with the statistics of the last "
+            "steps; keras.layers.LayerNormalization, or batches of 2 or "
+            "more, also learn. (Warned once per layer.)",
             UserWarning,
         )
 
-    if isinstance(count, int):
-        if count == 1:
+    single = one_value(count)
+    if isinstance(single, bool):
+        if single:
             warn()
         return
-    _backend.warn_when(ops.equal(count, 1), warn)
+    _backend.warn_when(single, warn)
 
 
 def zero_if_empty(inputs, *statistics):

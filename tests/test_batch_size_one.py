@@ -1,6 +1,8 @@
 """One value per feature (a Dense output at batch size 1): BN and BRN warn,
-once per layer, and such a batch leaves every moving statistic as it was;
-a batch with more values per feature still moves them (NumPy reference).
+once per layer; such a batch leaves BN's moving statistics as they were,
+and BRN normalizes it with its running statistics, which follow the stream
+(NumPy reference); a batch with more values per feature moves every
+layer's statistics as before.
 """
 
 import warnings
@@ -13,6 +15,7 @@ import keras_norms
 from tests import references
 from tests.helpers import BACKEND
 from tests.helpers import to_numpy
+from tests.helpers import train_call
 
 MESSAGE = "one value per feature"
 
@@ -65,10 +68,12 @@ def _warnings(record):
 
 
 KINDS = ["bn", "brn", "cbn_k1"]
+# The layers whose statistics a batch of one value per feature leaves.
+HOLDING = ["bn", "cbn_k1"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_eager_calls_warn_once_and_leave_the_statistics(kind):
+def test_eager_calls_warn_once(kind):
     model = _model(kind)
     before = _statistics(model)
     x = np.random.default_rng(0).normal(size=(1, 4)).astype("float32")
@@ -81,8 +86,9 @@ def test_eager_calls_warn_once_and_leave_the_statistics(kind):
     text = str(found[0].message)
     for advice in ("CrossIterationBatchNormalization", "LayerNormalization"):
         assert advice in text, text
-    for old, new in zip(before, _statistics(model)):
-        np.testing.assert_array_equal(new, old)
+    if kind in HOLDING:
+        for old, new in zip(before, _statistics(model)):
+            np.testing.assert_array_equal(new, old)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,7 +108,7 @@ def test_fit_warns_once_per_layer_and_skips_single_values(kind, stream):
         warnings.simplefilter("always")
         model.fit(x, y, batch_size=batch, epochs=2, shuffle=False, verbose=0)
     assert len(_warnings(record)) == len(_norms(model))
-    if stream == "batch_1":
+    if stream == "batch_1" and kind in HOLDING:
         # Nothing ever moved the moving statistics (initial values).
         for layer in _norms(model):
             np.testing.assert_array_equal(to_numpy(layer.moving_mean), 0.0)
@@ -181,3 +187,95 @@ def test_warning_from_a_graph_of_unknown_batch_size_runs_once():
         counts.append(len(_warnings(record)))
     assert counts == [0, 1, 0, 0]
     assert step.experimental_get_tracing_count() == 1
+
+
+def _streamed(mean, stddev, x, momentum, eps):
+    """The running mean and stddev after one more value `x` per feature
+    (exponential weights), written out."""
+    delta = x - mean
+    var = np.maximum(stddev**2 - eps, 0.0)
+    var = momentum * (var + (1 - momentum) * delta**2)
+    return mean + (1 - momentum) * delta, np.sqrt(var + eps)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_renormalization_of_one_value_against_numpy(masked):
+    """BRN at one value per feature, 4 steps: output `gamma * clip((x -
+    mean_r) / std_r, +-dmax) + beta`, its input gradient `gamma / std_r`
+    inside the clip and 0 outside, the running statistics moved by the
+    value's deviation. With a mask, a batch of 3 rows with one kept."""
+    eps, m, rm, dmax = 1e-3, 0.6, 0.5, 1.5
+    layer = keras_norms.BatchRenormalization(
+        momentum=m, renorm_momentum=rm, epsilon=eps, rmax=2.0, dmax=dmax
+    )
+    rows = 3 if masked else 1
+    layer.build((rows, 4))
+    rng = np.random.default_rng(5)
+    gamma = rng.uniform(0.5, 1.5, 4)
+    beta = rng.normal(size=4)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    r_mean, r_std = np.zeros(4), np.ones(4)
+    m_mean, m_std = np.zeros(4), np.ones(4)
+    mask = np.array([False, True, False]) if masked else None
+    clipped = 0
+    for step in range(4):
+        x = rng.normal(1.0, 2.0, size=(rows, 4)).astype("float32")
+        dy = rng.normal(size=(rows, 4)).astype("float32")
+        if masked:  # a masked loss: the padding's outputs count for nothing
+            dy[[0, 2]] = 0.0
+        y, dx, _ = train_call(layer, x, dy, mask)
+        value = x[1] if masked else x[0]
+        value = value.astype(np.float64)
+        pre = (value - r_mean) / np.maximum(r_std, np.sqrt(eps))
+        inside = np.abs(pre) < dmax
+        clipped += int(np.sum(~inside))
+        expected_y = gamma * np.clip(pre, -dmax, dmax) + beta
+        expected_dx = dy[1 if masked else 0] * gamma * inside / r_std
+        kept = 1 if masked else 0
+        np.testing.assert_allclose(y[kept], expected_y, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx[kept], expected_dx, rtol=1e-5, atol=1e-6)
+        if masked:
+            np.testing.assert_array_equal(dx[[0, 2]], 0.0)
+        r_mean, r_std = _streamed(r_mean, r_std, value, rm, eps)
+        m_mean, m_std = _streamed(m_mean, m_std, value, m, eps)
+        for name, expected in (
+            ("renorm_mean", r_mean),
+            ("renorm_stddev", r_std),
+            ("moving_mean", m_mean),
+            ("moving_stddev", m_std),
+            ("moving_variance", np.maximum(m_std**2 - eps, 0.0)),
+        ):
+            np.testing.assert_allclose(
+                to_numpy(getattr(layer, name)),
+                expected,
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{name}, step {step}",
+            )
+    assert 0 < clipped < 16  # both sides of the clip were seen
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's graphs")
+def test_renormalization_of_one_value_in_a_graph_of_unknown_batch_size():
+    """In a `tf.function` traced for any batch size, BRN at batch 1 still
+    passes the gradient through the running statistics (the fused kernel,
+    whose r and d are constants, is not taken when the batch may hold one
+    value per feature)."""
+    import tensorflow as tf
+
+    layer = keras_norms.BatchRenormalization(epsilon=1e-3)
+    layer.build((None, 4))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 4), tf.float32)])
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True))
+        return tape.gradient(loss, x)
+
+    x = np.full((1, 4), 0.5, "float32")  # inside the clip (|d| < 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dx = to_numpy(gradient(x))
+    np.testing.assert_allclose(dx, 1.0, rtol=1e-5)  # gamma / std_r = 1

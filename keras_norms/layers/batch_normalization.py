@@ -167,6 +167,11 @@ class BatchNormalization(NormalizationParameters, Layer):
 
     # Whether `update_statistics` returns a correction (r, d).
     _renormalizes = False
+    # What the one-value-per-feature warning says the layer does then.
+    ONE_VALUE_BEHAVIOUR = (
+        "Every output is then beta and nothing before this layer learns "
+        "through it; such a batch leaves the moving statistics as they are."
+    )
 
     def build(self, input_shape):
         ndim = len(input_shape)
@@ -225,8 +230,10 @@ class BatchNormalization(NormalizationParameters, Layer):
                 self.epsilon,
                 self._feature_axes,
             )
-        elif mask is None and _backend.can_fuse(
-            inputs, self._feature_axes, self.synchronized
+        elif (
+            mask is None
+            and _backend.can_fuse(inputs, self._feature_axes, self.synchronized)
+            and not (self._renormalizes and self._may_be_one_value(inputs))
         ):
             positions = _axes.position_count(inputs, self._reduction_axes)
             # TensorFlow's fused kernel (large inputs, not under XLA): one
@@ -249,6 +256,18 @@ class BatchNormalization(NormalizationParameters, Layer):
         else:
             outputs = self._batch_normalize(inputs, mask, gamma, beta)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _may_be_one_value(self, inputs):
+        """Whether a batch may hold one value per feature: BRN then takes
+        the general path, whose `d` can carry the gradient (see
+        BatchRenormalization). Only a batch size unknown when traced (a
+        TensorFlow graph) with no other reduced axis above 1 may."""
+        positions = _axes.position_count(inputs, self._reduction_axes)
+        if isinstance(positions, int):
+            return positions == 1
+        return all(
+            inputs.shape[a] in (None, 1) for a in self._reduction_axes
+        ) and any(inputs.shape[a] is None for a in self._reduction_axes)
 
     def _batch_normalize(self, inputs, mask, gamma, beta):
         """The general training path: any backend, axes and mask."""

@@ -46,11 +46,16 @@ class BatchRenormalization(BatchNormalization):
     of training steps), so they change during training without retracing,
     are saved with the model and resume after loading.
 
-    At one value per feature (a `Dense` output at batch size 1) the batch
-    variance is 0 and the output is `gamma * d + beta`, a constant in the
-    backward pass: nothing before the layer learns. As `BatchNormalization`
-    does, the layer warns once and such a batch leaves every running
-    statistic as it is.
+    At one value per feature (a `Dense` output at batch size 1: online
+    learning) the batch variance is 0 and `x_hat` is 0, so the output is
+    `gamma * d + beta`, with `d` the input normalized by the running
+    statistics (clipped to `dmax`). There `d` keeps its gradient (else
+    nothing before the layer would learn), and each running mean and
+    stddev moves by one more value: `mean += (1 - m) * delta` and
+    `variance = m * (variance + (1 - m) * delta**2)` with `delta = x -
+    mean` (the batch's own variance, 0, estimates nothing). The layer
+    warns once when this happens. With `dmax=0` (the start of a warm-up)
+    the output is then `beta`.
 
     Args:
         axis: Integer or list of integers, the feature axis or axes.
@@ -132,6 +137,12 @@ class BatchRenormalization(BatchNormalization):
     # r and d go into the scale and offset of an inference-mode kernel call
     # with the batch moments; the gradient is the training kernel's.
     _renormalizes = True
+    ONE_VALUE_BEHAVIOUR = (
+        "BatchRenormalization then normalizes such a batch with its running "
+        "statistics, clipped to dmax (as at inference, with the gradient "
+        "through them), and moves them by the value's deviation from the "
+        "running mean."
+    )
 
     def __init__(
         self,
@@ -347,28 +358,74 @@ class BatchRenormalization(BatchNormalization):
         d = ops.clip((mean - renorm_mean) / renorm_stddev, -dmax, dmax)
 
         update = _moments.updatable(mean, variance, count)
-        _moments.moving_average(
-            self.renorm_mean, mean, self.renorm_momentum, update
+        single = _moments.one_value(count)
+        # One value per feature (e.g. batch size 1 after a Dense): x - mean
+        # is 0, so the output is gamma * d + beta; d then keeps its
+        # gradient (the input normalized by the running statistics, as at
+        # inference) and the running statistics follow the stream.
+        stream = None
+        if single is not False:
+            stream = ops.logical_and(single, ops.isfinite(mean))
+        self._track(
+            self.renorm_mean,
+            self.renorm_stddev,
+            (mean, stddev),
+            self.renorm_momentum,
+            update,
+            stream,
         )
-        _moments.moving_average(
-            self.renorm_stddev, stddev, self.renorm_momentum, update
-        )
-        _moments.moving_average(self.moving_mean, mean, self.momentum, update)
-        moving_stddev = _moments.moving_average(
-            self.moving_stddev, stddev, self.momentum, update
+        moving_stddev = self._track(
+            self.moving_mean,
+            self.moving_stddev,
+            (mean, stddev),
+            self.momentum,
+            update,
+            stream,
         )
         # Keras's convention (the variance from the stddev), where the
-        # batch updated the statistics.
+        # statistics moved.
+        moved = update if stream is None else ops.logical_or(update, stream)
         variance = ops.relu(ops.square(moving_stddev) - self.epsilon)
         old = ops.cast(self.moving_variance, dtype)
         self.moving_variance.assign(
             ops.cast(
-                ops.where(update, variance, old), self.moving_variance.dtype
+                ops.where(moved, variance, old), self.moving_variance.dtype
             )
         )
         # The callers zero an empty batch's NaN r, d with its moments
         # (`_moments.zero_if_empty`): they would reach the weights' gradients.
-        return ops.stop_gradient(r), ops.stop_gradient(d)
+        r, held = ops.stop_gradient(r), ops.stop_gradient(d)
+        if stream is None:
+            return r, held
+        return r, ops.where(single, d, held)
+
+    def _track(
+        self, mean_variable, stddev_variable, batch, momentum, update, stream
+    ):
+        """Moves a mean and stddev pair with `momentum`: towards the
+        batch's `(mean, stddev)` where `update`, by one more value where
+        `stream` (one value per feature: `_moments.streaming_moments`).
+        Returns the new stddev."""
+        mean, stddev = batch
+        new_mean = _moments.moving_average(
+            mean_variable, mean, momentum, update
+        )
+        new_stddev = _moments.moving_average(
+            stddev_variable, stddev, momentum, update
+        )
+        if stream is None:
+            return new_stddev
+        value = ops.where(stream, ops.stop_gradient(mean), new_mean)
+        streamed = _moments.streaming_moments(
+            new_mean, new_stddev, value, momentum, self.epsilon
+        )
+        new_mean, new_stddev = (
+            ops.where(stream, s, n)
+            for s, n in zip(streamed, (new_mean, new_stddev))
+        )
+        mean_variable.assign(ops.cast(new_mean, mean_variable.dtype))
+        stddev_variable.assign(ops.cast(new_stddev, stddev_variable.dtype))
+        return new_stddev
 
     def set_weights(self, weights):
         """Sets the layer's weights from a list of NumPy arrays.

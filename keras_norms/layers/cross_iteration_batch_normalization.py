@@ -152,6 +152,13 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     ... ])
     """
 
+    # What the one-value-per-feature warning (window_size=1 only) says.
+    ONE_VALUE_BEHAVIOUR = (
+        "With window_size=1 every output is then beta and nothing before "
+        "this layer learns through it; such a batch leaves the moving "
+        "statistics as they are. A window_size of 2 or more learns there."
+    )
+
     def __init__(
         self,
         layer,
