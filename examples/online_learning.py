@@ -17,8 +17,9 @@ The model is the same MLP for every variant:
 variants (`VARIANTS`): `none` (Dense with a bias, no normalization),
 `keras_bn` (Keras's BatchNormalization), `bn` and `brn` (keras_norms'
 BatchNormalization and BatchRenormalization with their defaults), `cbn`
-(CrossIterationBatchNormalization wrapping the bias-free Dense, window 8)
-and `layer_norm` (Keras's LayerNormalization); the normalized variants
+(CrossIterationBatchNormalization wrapping the bias-free Dense, window 8),
+`cbn_no_compensation` (the same without the Taylor compensation) and
+`layer_norm` (Keras's LayerNormalization); the normalized variants
 have `Dense(64, use_bias=False)`.
 
 Prequential (test-then-train) evaluation: the stream arrives in batches
@@ -93,6 +94,16 @@ VARIANTS = {
         lambda: [
             keras_norms.CrossIterationBatchNormalization(
                 keras.layers.Dense(UNITS, use_bias=False), window_size=8
+            )
+        ],
+    ),
+    "cbn_no_compensation": (
+        "CBN (window 8, compensation=False)",
+        lambda: [
+            keras_norms.CrossIterationBatchNormalization(
+                keras.layers.Dense(UNITS, use_bias=False),
+                window_size=8,
+                compensation=False,
             )
         ],
     ),
