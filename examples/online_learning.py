@@ -325,7 +325,7 @@ def train_all(args):
                     }
                 )
                 print(
-                    f"[{len(records):3d}/{total}] {variant:10s} batch {b:2d} "
+                    f"[{len(records):3d}/{total}] {variant:19s} batch {b:2d} "
                     f"seed {seed}: held-out {held_out:.3f}, prequential "
                     f"{correct.mean():.3f}, {seconds:.1f} s",
                     flush=True,

@@ -104,7 +104,15 @@ def test_online_learning_quick_writes_table_plot_and_json(tmp_path, capsys):
         "--json",
         str(records),
     )
-    variants = ["none", "keras_bn", "bn", "brn", "cbn", "layer_norm"]
+    variants = [
+        "none",
+        "keras_bn",
+        "bn",
+        "brn",
+        "cbn",
+        "cbn_no_compensation",
+        "layer_norm",
+    ]
     row = r"^\| (\w+) \| (\d+) \| (\d\.\d{3}) \((\d\.\d{3})-(\d\.\d{3})\)"
     row += r" \| (\d\.\d{3}) \| (\d\.\d{3}) \|$"
     rows = re.findall(row, result.stdout, re.MULTILINE)
@@ -113,7 +121,7 @@ def test_online_learning_quick_writes_table_plot_and_json(tmp_path, capsys):
     ], result.stdout
     for _, _, *accuracies in rows:
         assert all(0.0 <= float(a) <= 1.0 for a in accuracies), rows
-    assert re.search(r"\[ 12/12\] layer_norm batch  4 seed 0", result.stdout)
+    assert re.search(r"\[ 14/14\] layer_norm +batch  4 seed 0", result.stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(records.read_text())
     assert data["recipe"]["stream"] == 120
@@ -167,6 +175,7 @@ def test_cbn_ablation_runs_every_variant(tmp_path):
     assert [(name, burnin) for name, burnin, _ in rows] == [
         ("default", "0%"),
         ("default", "10%"),
+        ('negative_variance="exclude"', "0%"),
         ("compensation_gradient=False", "0%"),
         ("compensation_gradient=False", "10%"),
         ("compensation=False", "0%"),
@@ -174,7 +183,7 @@ def test_cbn_ablation_runs_every_variant(tmp_path):
         ("window_size=1 (BN)", "-"),
     ], result.stdout
     runs = json.loads(records.read_text())["results"]
-    assert len(runs) == 7
+    assert len(runs) == 8
 
 
 def test_digits_inference_example_recomputes_folds_and_exports():
