@@ -363,9 +363,14 @@ class BatchRenormalization(BatchNormalization):
         # is 0, so the output is gamma * d + beta; d then keeps its
         # gradient (the input normalized by the running statistics, as at
         # inference) and the running statistics follow the stream.
+        # `single` is a Python bool where the size is known when traced (a
+        # symbolic size under torch.compile included: a guard), else a
+        # tensor.
         stream = None
-        if single is not False:
+        if not isinstance(single, bool):
             stream = ops.logical_and(single, ops.isfinite(mean))
+        elif single:
+            stream = ops.isfinite(mean)
         self._track(
             self.renorm_mean,
             self.renorm_stddev,
@@ -397,7 +402,7 @@ class BatchRenormalization(BatchNormalization):
         r, held = ops.stop_gradient(r), ops.stop_gradient(d)
         if stream is None:
             return r, held
-        return r, ops.where(single, d, held)
+        return r, d if isinstance(single, bool) else ops.where(single, d, held)
 
     def _track(
         self, mean_variable, stddev_variable, batch, momentum, update, stream
