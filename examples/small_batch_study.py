@@ -452,6 +452,7 @@ def print_differences(records, ablation=None):
         key = (r["variant"], r["burnin_fraction"], r["batch_size"])
         cbn.setdefault(key, {})[r["seed"]] = r["accuracy"]
     pairs = [
+        ("default", 0.0, 'negative_variance="exclude"', 0.0),
         ("default", 0.0, "compensation=False", 0.0),
         ("default", 0.0, "compensation_gradient=False", 0.0),
         ("default", 0.0, "window_size=1 (BN)", 0.0),
