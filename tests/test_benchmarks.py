@@ -226,3 +226,35 @@ def test_markdown_table_and_verdicts():
         run.target("train conv+cbn / conv+bn", "4d_nhwc", True, "tensorflow")
         == 1.5
     )
+
+
+def test_online_speed_benchmark_runs_and_reports(tmp_path):
+    """benchmarks/online_speed.py: each candidate's train step against
+    Keras's BN on the MLP, at batch sizes 1 and 4; the target (<= 1.1x)
+    applies to batch 1."""
+    out = tmp_path / "online.json"
+    result = run_script(
+        "benchmarks/online_speed.py",
+        "--tiny",
+        "--repeats",
+        "2",
+        "--json",
+        str(out),
+    )
+    report = json.loads(out.read_text())
+    assert report["via"] == "train_function"
+    assert sorted(report["batches"]) == ["1", "4"]
+    for size, ratios in report["batches"].items():
+        assert sorted(ratios) == [
+            "kn_bn / keras_bn",
+            "kn_brn / keras_bn",
+            "kn_cbn / keras_bn",
+        ]
+        for r in ratios.values():
+            assert len(r["block_ratios"]) == 2
+            assert (
+                min(r["block_ratios"]) <= r["ratio"] <= max(r["block_ratios"])
+            )
+            assert all(t > 0 for t in r["seconds"].values())
+            assert r["target"] == (1.1 if size == "1" else None)
+    assert "kn_cbn / keras_bn" in result.stdout
