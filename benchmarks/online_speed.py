@@ -13,7 +13,10 @@ CrossIterationBatchNormalization, and times its train step at batch size 1
 (and 4, `--batches`) against the baseline's, alternating the two models
 (A B A B ..., run.py's `time_alternating`) after warm-up, in `--repeats`
 blocks of `--rounds` alternations; it prints the median of the blocks'
-ratios candidate / Keras BN and their range, the run-to-run noise.
+ratios candidate / Keras BN and their range, the run-to-run noise. Two
+reference pairs carry no target: Keras's own renormalization
+(`BatchNormalization(renorm=True)`, BRN's clipping) against Keras's BN,
+what renormalization itself costs there, and BRN against it.
 
 The step timed is the compiled train step as `fit()` runs it (`--via
 train_function`, the default): Keras's own `model.train_function`, made by
@@ -66,6 +69,8 @@ from run import verdict  # noqa: E402
 TARGET = 1.1  # each candidate's batch-1 train step / Keras BN's
 BASELINE = "keras_bn"
 CANDIDATES = ("kn_bn", "kn_brn", "kn_cbn")
+# (candidate, baseline) pairs measured for reference, without a target.
+REFERENCES = (("keras_renorm", BASELINE), ("kn_brn", "keras_renorm"))
 DEFAULT_REPEATS = {"tensorflow": 5, "jax": 9, "torch": 5}
 
 
@@ -78,6 +83,14 @@ def block(kind, units):
         return [dense, keras_norms.BatchNormalization()]
     if kind == "kn_brn":
         return [dense, keras_norms.BatchRenormalization()]
+    if kind == "keras_renorm":
+        clipping = {"rmin": 1 / 3.0, "rmax": 3.0, "dmax": 5.0}
+        return [
+            dense,
+            keras.layers.BatchNormalization(
+                renorm=True, renorm_clipping=clipping
+            ),
+        ]
     if kind == "kn_cbn":
         return [
             keras_norms.CrossIterationBatchNormalization(dense, window_size=8)
@@ -157,29 +170,32 @@ def run_batch(size, args, sizes, jit_compile, rounds, repeats, warmup):
     x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
     other = tuple(keras.ops.convert_to_tensor(a) for a in other)
     steps = {}
-    for kind in (BASELINE,) + CANDIDATES:
+    for kind in (BASELINE, "keras_renorm") + CANDIDATES:
         model = make_model(kind, features, units, classes, jit_compile)
         steps[kind] = train_step(model, x, y, args.via, other)
     out = {}
-    for cand in CANDIDATES:
-        pair = {cand: steps[cand], BASELINE: steps[BASELINE]}
+    pairs = [(cand, BASELINE) for cand in CANDIDATES] + list(REFERENCES)
+    for cand, base in pairs:
+        pair = {cand: steps[cand], base: steps[base]}
         blocks = [
             time_alternating(pair, rounds, warmup if i == 0 else 0)
             for i in range(repeats)
         ]
-        ratios = [b[cand] / b[BASELINE] for b in blocks]
+        ratios = [b[cand] / b[base] for b in blocks]
         ratio = float(np.median(ratios))
-        # The target is for batch 1; other sizes are for comparison.
-        target = TARGET if size == 1 else None
+        # The target is for batch 1 and the candidates against Keras's BN;
+        # other sizes and the reference pairs are for comparison.
+        measured = cand in CANDIDATES and base == BASELINE
+        target = TARGET if size == 1 and measured else None
         mark = "-" if target is None else verdict(ratio, ratios, target)
-        out[f"{cand} / {BASELINE}"] = {
+        out[f"{cand} / {base}"] = {
             "ratio": ratio,
             "block_ratios": ratios,
             "target": target,
             "verdict": mark,
             "seconds": {
                 name: float(np.median([b[name] for b in blocks]))
-                for name in (cand, BASELINE)
+                for name in (cand, base)
             },
         }
     return out

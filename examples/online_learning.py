@@ -52,10 +52,13 @@ example at batch 1, each run's tracing about 1 s. Per step on JAX,
 compiled step (moving each batch to the device, syncing every variable
 back), and `predict_on_batch` 0.35 ms (a jitted `stateless_call` 0.11 ms,
 too little gain for backend-specific code; an eager `model(x)` 3.5 ms).
-TensorFlow is about 1.5x slower per step (2.0 ms and 0.6 ms; its whole
-run was not timed). PyTorch runs eagerly: 7 to 18 ms per example at batch
-1, about 7 minutes in all, estimated from a one-seed run of `none` and
-`cbn` (with one thread: see `train_all`).
+TensorFlow is about 1.5x slower per step in isolation (2.0 ms and 0.6
+ms), yet in a run of the batch-1 runs of `cbn`, `cbn_no_compensation`,
+`layer_norm` and `brn` (3 seeds, the same day, beside a PyTorch run) it
+trained for 83 s against JAX's 78 s for the same runs: the whole default
+run takes about as long. PyTorch runs eagerly: 202 s for those same 12
+runs (CBN 30 s a run, the others 8 to 15 s), about 7 minutes for the
+default run (with one thread: see `train_all`).
 """
 
 import argparse
