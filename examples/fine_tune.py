@@ -39,25 +39,25 @@ fine-tuning images and order; the four variants of a seed start from the
 same weights. A line per variant gives the test accuracy over the seeds
 and the seconds of fit() and evaluation, graph tracing included.
 
-What it shows (3 seeds): at batch size 4, fine-tuning with Keras's batch
-norms in training mode does worst (about 0.68); converting them to BRN or
-CBN recovers about 10 points (about 0.79 and 0.78); freezing them does
-best here (about 0.89), where the pretrained statistics suit the new
+What it shows (3 seeds, 2026-12-07): at batch size 4, fine-tuning with
+Keras's batch norms in training mode does worst (0.660); converting them
+to BRN or CBN recovers 8 to 14 points (0.740 and 0.804); freezing them
+does best here (0.830), where the pretrained statistics suit the new
 digits and a batch of 4 has nothing to add to them.
 
 When converting pays. `--input-scale A --input-offset B` fine-tunes and
-tests on `A * x + B` (pretraining keeps x in [-1, 1]); freezing still did
-best with every shift tried (2026-12-07, seed 0 unless said): x 10
-(frozen 0.763, CBN 0.773, BRN 0.638), [0, 255] inputs (127.5, 127.5:
-frozen 0.803, CBN 0.741), x 0.1 (frozen 0.883, the others 0.29 to 0.44),
--0.5 x + 0.3 (2 seeds: frozen 0.884, CBN 0.795, BRN 0.672). Converting
+tests on `A * x + B` (pretraining keeps x in [-1, 1]); freezing did best
+with every shift tried (2026-12-07, seed 0 unless said): x 10 (frozen
+0.814, BRN 0.736, CBN 0.696), [0, 255] inputs (127.5, 127.5: frozen
+0.785, CBN 0.667), x 0.1 (frozen 0.933, the others 0.27 to 0.54),
+-0.5 x + 0.3 (2 seeds: frozen 0.836, CBN 0.669, BRN 0.562). Converting
 paid only with `--reset-statistics`, the pretrained weights with moving
 statistics reset to 0 and 1 (a backbone without population statistics):
 frozen, Keras BN and CBN all about 0.20 (chance), BRN 0.739 (3 seeds).
 With `--reestimate-statistics` as well, the moving statistics are set
 from one training-mode pass over the 100 fine-tuning images before
-fine-tuning, and freezing wins again (3 seeds): frozen 0.855, BRN 0.781,
-CBN 0.746, Keras BN 0.661. So freeze; convert only where there are no
+fine-tuning, and freezing wins again (3 seeds): frozen 0.855, CBN 0.801,
+BRN 0.781, Keras BN 0.661. So freeze; convert only where there are no
 usable statistics and they cannot be estimated from the fine-tuning data.
 
     python examples/fine_tune.py            # about 7 minutes on 2 CPU cores
