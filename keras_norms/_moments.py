@@ -98,19 +98,19 @@ def one_value(count):
     return ops.equal(count, 1)
 
 
-def streaming_moments(mean, stddev, value, momentum, epsilon):
-    """Exponentially weighted mean and stddev after one more value per
-    feature (`value`), for statistics kept as a mean and
-    `stddev = sqrt(variance + epsilon)`: with `delta = value - mean`,
-    `mean += (1 - momentum) * delta` and `variance = momentum * (variance
-    + (1 - momentum) * delta**2)` (the variance of the same exponential
-    weights). A batch of one value per feature has no variance of its own;
-    its deviation from the running mean has. Returns the new
-    `(mean, stddev)`."""
+def streaming_stddev(mean, stddev, value, momentum, epsilon):
+    """The exponentially weighted stddev after one more value per feature
+    (`value`), for statistics kept as a mean and `stddev = sqrt(variance +
+    epsilon)`: with `delta = value - mean`, `variance = momentum *
+    (variance + (1 - momentum) * delta**2)`, the variance of the weights
+    that move the mean by `(1 - momentum) * delta` (as `moving_average`
+    moves it towards a batch whose mean is `value`). A batch of one value
+    per feature has no variance of its own; its deviation from the running
+    mean has."""
     delta = value - mean
     variance = ops.relu(ops.square(stddev) - epsilon)
     variance = momentum * (variance + (1.0 - momentum) * ops.square(delta))
-    return mean + (1.0 - momentum) * delta, ops.sqrt(variance + epsilon)
+    return ops.sqrt(variance + epsilon)
 
 
 def warn_if_one_value(layer, count):
@@ -164,12 +164,19 @@ def zero_if_empty(inputs, *statistics):
     return tuple(ops.where(nonempty, s, ops.zeros_like(s)) for s in statistics)
 
 
-def moving_average(variable, value, momentum, update):
+def moving_average(variable, value, momentum, update, instead=None):
     """Assigns `variable * momentum + value * (1 - momentum)` to `variable`
     where `update` (see `updatable`) is true; elsewhere the variable keeps
-    its value. Returns the new value in `value`'s dtype."""
+    its value. `instead`: optional `(where, new)`, a new value computed
+    otherwise (e.g. `streaming_stddev`) that the variable takes where
+    `where` is true. Returns the new value in `value`'s dtype."""
     old = ops.cast(variable, value.dtype)
-    new = ops.where(update, old * momentum + value * (1.0 - momentum), old)
+    new = old * momentum + value * (1.0 - momentum)
+    if instead is not None:
+        where, other = instead
+        new = ops.where(where, other, new)
+        update = ops.logical_or(update, where)
+    new = ops.where(update, new, old)
     variable.assign(ops.cast(new, variable.dtype))
     return new
 

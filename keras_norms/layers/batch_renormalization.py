@@ -408,29 +408,31 @@ class BatchRenormalization(BatchNormalization):
         self, mean_variable, stddev_variable, batch, momentum, update, stream
     ):
         """Moves a mean and stddev pair with `momentum`: towards the
-        batch's `(mean, stddev)` where `update`, by one more value where
-        `stream` (one value per feature: `_moments.streaming_moments`).
+        batch's `(mean, stddev)` where `update`; by one more value where
+        `stream` (one value per feature: the batch's mean is the value, and
+        the stddev moves by its deviation, `_moments.streaming_stddev`).
         Returns the new stddev."""
         mean, stddev = batch
-        new_mean = _moments.moving_average(
-            mean_variable, mean, momentum, update
+        instead = None
+        if stream is not None:
+            # Before the mean moves (PyTorch assigns in place).
+            streamed = _moments.streaming_stddev(
+                ops.cast(mean_variable, mean.dtype),
+                ops.cast(stddev_variable, mean.dtype),
+                ops.stop_gradient(mean),
+                momentum,
+                self.epsilon,
+            )
+            instead = (stream, streamed)
+        _moments.moving_average(
+            mean_variable,
+            mean,
+            momentum,
+            update if stream is None else ops.logical_or(update, stream),
         )
-        new_stddev = _moments.moving_average(
-            stddev_variable, stddev, momentum, update
+        return _moments.moving_average(
+            stddev_variable, stddev, momentum, update, instead
         )
-        if stream is None:
-            return new_stddev
-        value = ops.where(stream, ops.stop_gradient(mean), new_mean)
-        streamed = _moments.streaming_moments(
-            new_mean, new_stddev, value, momentum, self.epsilon
-        )
-        new_mean, new_stddev = (
-            ops.where(stream, s, n)
-            for s, n in zip(streamed, (new_mean, new_stddev))
-        )
-        mean_variable.assign(ops.cast(new_mean, mean_variable.dtype))
-        stddev_variable.assign(ops.cast(new_stddev, stddev_variable.dtype))
-        return new_stddev
 
     def set_weights(self, weights):
         """Sets the layer's weights from a list of NumPy arrays.
