@@ -37,8 +37,8 @@ def kernel_path(request, monkeypatch):
     size) calls one of `_backend`'s fused functions, "general" none. Tests
     use small inputs, which TensorFlow otherwise trains on the general path
     (`_backend.tensorflow.FUSE_ABOVE_SIZE`). Masked inputs always take the
-    general path: a test's "fused" case with a true `masked` parameter is
-    not collected (`pytest_collection_modifyitems`)."""
+    general path, and one value per channel does on PyTorch: such "fused"
+    cases are not collected (`pytest_collection_modifyitems`)."""
     from keras_norms import _backend
     from keras_norms._backend import tensorflow as tensorflow_backend
 
@@ -62,13 +62,24 @@ def kernel_path(request, monkeypatch):
     )
 
 
+def _cannot_fuse(item, params):
+    """Masked inputs never take a fused kernel; one value per channel
+    (marked `one_value_per_channel`) does not on PyTorch, whose kernel
+    refuses it in training."""
+    if params.get("masked"):
+        return True
+    return keras.backend.backend() == "torch" and bool(
+        item.get_closest_marker("one_value_per_channel")
+    )
+
+
 def pytest_collection_modifyitems(config, items):
-    """Drops the "fused" cases that cannot fuse (masked inputs): they
+    """Drops the "fused" cases that cannot fuse (`_cannot_fuse`): they
     would run the general case again under the name "fused"."""
     kept, dropped = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("kernel_path") == "fused" and params.get("masked"):
+        if params.get("kernel_path") == "fused" and _cannot_fuse(item, params):
             dropped.append(item)
         else:
             kept.append(item)
