@@ -53,7 +53,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import keras
 import numpy as np
@@ -61,8 +60,7 @@ import numpy as np
 import keras_norms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import framework_version  # noqa: E402
-from run import machine  # noqa: E402
+from run import run_header  # noqa: E402
 from run import time_alternating  # noqa: E402
 from run import verdict  # noqa: E402
 
@@ -233,13 +231,7 @@ def main(argv=None):
     warmup = 2 if args.tiny else 20
     jit_compile = {"auto": "auto", "on": True, "off": False}[args.jit]
     results = {
-        "backend": backend,
-        "keras": keras.__version__,
-        "framework": framework_version(backend),
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "rounds": rounds,
-        "repeats": repeats,
+        **run_header(rounds, repeats),
         "via": args.via,
         "jit": args.jit,
         "model": "Input({0}) -> [Dense({1}, no bias) -> norm -> ReLU] x 2 "

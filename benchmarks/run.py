@@ -319,13 +319,7 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.tiny else DEFAULT_REPEATS[backend])
     warmup = 2 if args.tiny else 5
     results = {
-        "backend": backend,
-        "keras": keras.__version__,
-        "framework": framework_version(backend),
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "rounds": rounds,
-        "repeats": repeats,
+        **run_header(rounds, repeats),
         "loss": args.loss,
         "input_gradient": args.input_gradient,
         "cases": [],
@@ -397,6 +391,21 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def run_header(rounds, repeats):
+    """What a benchmark's JSON starts with: the backend and versions, the
+    machine, the date, and the blocks timed."""
+    backend = keras.backend.backend()
+    return {
+        "backend": backend,
+        "keras": keras.__version__,
+        "framework": framework_version(backend),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds": rounds,
+        "repeats": repeats,
+    }
 
 
 def framework_version(backend):
