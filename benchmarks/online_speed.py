@@ -60,6 +60,8 @@ import numpy as np
 import keras_norms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import DEFAULT_REPEATS  # noqa: E402
+from run import KERAS_RENORM_CLIPPING  # noqa: E402
 from run import run_header  # noqa: E402
 from run import time_alternating  # noqa: E402
 from run import verdict  # noqa: E402
@@ -69,7 +71,6 @@ BASELINE = "keras_bn"
 CANDIDATES = ("kn_bn", "kn_brn", "kn_cbn")
 # (candidate, baseline) pairs measured for reference, without a target.
 REFERENCES = (("keras_renorm", BASELINE), ("kn_brn", "keras_renorm"))
-DEFAULT_REPEATS = {"tensorflow": 5, "jax": 9, "torch": 5}
 
 
 def block(kind, units):
@@ -82,11 +83,10 @@ def block(kind, units):
     if kind == "kn_brn":
         return [dense, keras_norms.BatchRenormalization()]
     if kind == "keras_renorm":
-        clipping = {"rmin": 1 / 3.0, "rmax": 3.0, "dmax": 5.0}
         return [
             dense,
             keras.layers.BatchNormalization(
-                renorm=True, renorm_clipping=clipping
+                renorm=True, renorm_clipping=KERAS_RENORM_CLIPPING
             ),
         ]
     if kind == "kn_cbn":

@@ -56,9 +56,13 @@ TINY = {
 }
 
 
+# Keras's renormalization clipped as BatchRenormalization's defaults.
+KERAS_RENORM_CLIPPING = {"rmin": 1 / 3.0, "rmax": 3.0, "dmax": 5.0}
+
+
 def candidates(case):
     """name -> function building the layers between input and output."""
-    clipping = {"rmin": 1 / 3.0, "rmax": 3.0, "dmax": 5.0}
+    clipping = KERAS_RENORM_CLIPPING
     out = {
         "keras_bn": lambda: [keras.layers.BatchNormalization()],
         "kn_bn": lambda: [keras_norms.BatchNormalization()],
