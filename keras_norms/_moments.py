@@ -55,10 +55,18 @@ def moments(inputs, axes, mask=None, synchronized=False, shift=None):
         # Two passes on every backend (as tf.nn.moments does): Keras's torch
         # backend uses E[x^2] - E[x]^2, which loses the variance to float32
         # cancellation when |mean| >> std.
-        mean = ops.mean(inputs, axis=axes, keepdims=True)
-        centered = inputs - ops.stop_gradient(mean)
-        variance = ops.mean(ops.square(centered), axis=axes)
         count = _axes.position_count(inputs, axes)
+        if isinstance(count, int) and count > 0:
+            mean = ops.mean(inputs, axis=axes, keepdims=True)
+            centered = inputs - ops.stop_gradient(mean)
+            variance = ops.mean(ops.square(centered), axis=axes)
+            return ops.squeeze(mean, axis=axes), variance, count
+        # A size unknown when traced (or 0): sums over at least 1, so that
+        # an empty batch's moments are 0, not NaN (see `zero_if_empty`).
+        safe = ops.maximum(ops.cast(count, inputs.dtype), 1.0)
+        mean = ops.sum(inputs, axis=axes, keepdims=True) / safe
+        centered = inputs - ops.stop_gradient(mean)
+        variance = ops.sum(ops.square(centered), axis=axes) / safe
         return ops.squeeze(mean, axis=axes), variance, count
     fast = _backend.masked_moments(inputs, axes, mask)
     if fast is not None:
@@ -153,10 +161,11 @@ def warn_if_one_value(layer, count):
 def zero_if_empty(inputs, *statistics):
     """`statistics` of `inputs`, or zeros when `inputs` has no element.
 
-    An empty batch's moments are NaN (0 / 0). Its output is empty whatever
-    normalizes it, but a NaN statistic would still turn the gradients of
-    the weights it meets into NaN (0 * NaN); zeros keep them at 0. A batch
-    of a known, non-zero size costs nothing here."""
+    An empty batch's moments from a fused kernel are NaN (0 / 0). Its
+    output is empty whatever normalizes it, but a NaN statistic would still
+    turn the gradients of the weights it meets into NaN (0 * NaN); zeros
+    keep them at 0, as `moments` gives them. A batch of a known, non-zero
+    size costs nothing here."""
     shape = tuple(inputs.shape)
     if None not in shape and math.prod(shape) > 0:
         return statistics

@@ -273,8 +273,11 @@ class BatchNormalization(NormalizationParameters, Layer):
         """The general training path: any backend, axes and mask."""
         axes, shape = self._reduction_axes, self._broadcast_shape
         input_shape = None
-        if self._feature_axes == (len(inputs.shape) - 1,) and (
-            _backend.positions_layout_helps()
+        ndim = len(inputs.shape)
+        if (
+            ndim > 2
+            and self._feature_axes == (ndim - 1,)
+            and _backend.positions_layout_helps()
         ):
             input_shape = ops.shape(inputs)
             inputs, mask = _axes.as_positions(inputs, mask)
@@ -286,12 +289,8 @@ class BatchNormalization(NormalizationParameters, Layer):
             self.synchronized,
             shift=ops.cast(self.moving_mean, inputs.dtype),
         )
-        correction = self.update_statistics(mean, variance, count) or ()
-        # An empty batch's NaN moments (and r, d) would reach the weights'
-        # gradients as 0 * NaN: zeros instead.
-        mean, variance, *correction = _moments.zero_if_empty(
-            inputs, mean, variance, *correction
-        )
+        # (An empty batch's moments are 0, not NaN: see `_moments.moments`.)
+        correction = self.update_statistics(mean, variance, count)
         if correction:
             gamma, beta = _moments.compose(*correction, gamma, beta)
         outputs = _moments.normalize(

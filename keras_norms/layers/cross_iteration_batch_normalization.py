@@ -336,7 +336,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         step = ops.copy(self.step.value)  # a snapshot, before the increment
         self.step.assign_add(ops.cast(1, "int32"))
-        mean, variance = _moments.zero_if_empty(outputs, mean, variance)
+        if moments is not None:  # a kernel's: NaN for an empty batch
+            mean, variance = _moments.zero_if_empty(outputs, mean, variance)
         if self.window_size == 1:
             if not self.synchronized:
                 _moments.warn_if_one_value(self, count)
