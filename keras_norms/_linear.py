@@ -55,13 +55,6 @@ def check_supported(layer):
             f"{name} with activation={activation!r}. Pass activation=None "
             "and apply the activation after CrossIterationBatchNormalization."
         )
-    if layer.use_bias:
-        raise ValueError(
-            "The wrapped layer's bias is redundant before normalization "
-            "(beta takes its role) and would break the Taylor compensation "
-            f"of the statistics. Received: {name} with use_bias=True. Pass "
-            "use_bias=False."
-        )
     if layer.activity_regularizer is not None:
         raise ValueError(
             "The wrapped layer's activity_regularizer would never be applied "
@@ -92,6 +85,18 @@ def is_dense(layer):
 
 def channels_last(layer):
     return is_dense(layer) or layer.data_format == "channels_last"
+
+
+def bias(layer, dtype):
+    """The wrapped layer's bias in `dtype`, or None without one.
+
+    A bias only shifts the mean of each output channel: CBN keeps its
+    statistics, window and derivatives of the bias-free output `apply`
+    computes, and adds the bias where the output's own mean is meant (the
+    moving mean, inference)."""
+    if not layer.use_bias:
+        return None
+    return ops.cast(layer.bias, dtype)
 
 
 def apply(layer, inputs, kernel):

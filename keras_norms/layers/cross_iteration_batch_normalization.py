@@ -26,8 +26,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     computed with earlier weights, so each is first brought to the current
     weights by a first-order Taylor step. This needs the derivatives of the
     statistics with respect to the weights, which is why CBN wraps the layer
-    that produces its input (a `Dense` or `ConvND` without bias or
-    activation), like `keras.layers.SpectralNormalization` does.
+    that produces its input (a `Dense` or `ConvND` without activation),
+    like `keras.layers.SpectralNormalization` does.
 
     **During training**, for each output channel of `y = layer(x)` with
     kernel `W_t`:
@@ -65,20 +65,27 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
     model, so training resumes exactly. It holds
     `(window_size - 1) * (2 |W| + |W| / C + 2 C)` floats.
 
-    The wrapped layer must have `use_bias=False` (`beta` takes the bias's
-    role; a bias would shift every past mean) and no activation (apply it
-    after this layer). Grouped, depthwise, separable and transposed
-    convolutions are not supported. Inputs of any spatial size work (e.g.
-    `keras.Input((None, 3))` before a `Conv1D`), except for a dilated
-    convolution on TensorFlow, whose train step must see a fixed size. Masks
-    are for `Dense` only: a convolution mixes neighbouring positions, so a
-    mask there is refused rather than dropped.
+    A bias of the wrapped layer shifts each channel's mean and nothing
+    else, so it cancels in training: each step normalizes the bias-free
+    output `y - b` by its own statistics (the window holds bias-free
+    statistics, exact whatever the bias does), and the bias gets a zero
+    gradient. The moving mean is that of the output with its bias, so
+    inference is batch normalization of the wrapped layer's output, as
+    Keras's `BatchNormalization` after that layer computes it:
+    `convert_normalization` wraps a `Conv2D(use_bias=True)` (ResNets) with
+    its batch norm's statistics and predicts the same. A new layer needs
+    no bias (`beta` takes its role). The wrapped layer must have no
+    activation (apply it after this layer). Grouped, depthwise, separable
+    and transposed convolutions are not supported. Inputs of any spatial
+    size work (e.g. `keras.Input((None, 3))` before a `Conv1D`), except for
+    a dilated convolution on TensorFlow, whose train step must see a fixed
+    size. Masks are for `Dense` only: a convolution mixes neighbouring
+    positions, so a mask there is refused rather than dropped.
 
     Args:
-        layer: A `keras.layers.Dense`, `Conv1D`, `Conv2D` or `Conv3D` with
-            `use_bias=False` and no activation. `Dense` accepts inputs of
-            rank 2 and more, e.g. `(batch, time, features)` with a
-            `(batch, time)` mask.
+        layer: A `keras.layers.Dense`, `Conv1D`, `Conv2D` or `Conv3D`
+            with no activation. `Dense` accepts inputs of rank 2 and more,
+            e.g. `(batch, time, features)` with a `(batch, time)` mask.
         window_size: Number of steps averaged, the current one included
             (`k` in the paper). `1` is batch normalization. Defaults to `4`.
         burnin_steps: Training steps of plain batch normalization before
@@ -286,10 +293,13 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 )
         gamma = ops.cast(self.gamma, dtype) if self.scale else None
         beta = ops.cast(self.beta, dtype) if self.center else None
+        bias = _linear.bias(self.layer, dtype)
         if not (training and self.trainable):
+            # The moving mean is the biased output's: `linear + bias`.
+            mean = ops.cast(self.moving_mean, dtype)
             outputs = _moments.normalize_with(
                 linear,
-                ops.cast(self.moving_mean, dtype),
+                mean if bias is None else mean - bias,
                 ops.cast(self.moving_variance, dtype),
                 gamma,
                 beta,
@@ -297,6 +307,12 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
                 (self._channel_axis,),
             )
             return ops.cast(outputs, self.compute_dtype)
+        if bias is not None:
+            # The bias cancels (the output and its mean shift by it alike):
+            # it enters with weight 0, for a gradient of 0 (not none, which
+            # optimizers warn about).
+            zero = 0.0 * bias
+            beta = zero if beta is None else beta + zero
         if mask is None and _backend.can_fuse(
             linear, (self._channel_axis,), self.synchronized
         ):
@@ -307,14 +323,16 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             outputs = _backend.fused_normalization(
                 linear,
                 lambda m, v: self._training_statistics(
-                    inputs, linear, kernel, None, moments=(m, v)
+                    inputs, linear, kernel, None, bias, moments=(m, v)
                 ),
                 gamma,
                 beta,
                 self.epsilon,
             )
             return ops.cast(outputs, self.compute_dtype)
-        mean, variance = self._training_statistics(inputs, linear, kernel, mask)
+        mean, variance = self._training_statistics(
+            inputs, linear, kernel, mask, bias
+        )
         outputs = _moments.normalize(
             linear,
             mean,
@@ -326,8 +344,12 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         return ops.cast(outputs, self.compute_dtype)
 
-    def _training_statistics(self, inputs, outputs, kernel, mask, moments=None):
-        """The cross-iteration mean and variance; updates all state.
+    def _training_statistics(
+        self, inputs, outputs, kernel, mask, bias, moments=None
+    ):
+        """The cross-iteration mean and variance of the bias-free `outputs`;
+        updates all state (the moving mean with the wrapped layer's `bias`,
+        None without one).
 
         `moments`: this batch's `(mean, variance)` when a fused kernel has
         computed them (no mask, one replica), else None."""
@@ -342,7 +364,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             if not self.synchronized:
                 _moments.warn_if_one_value(self, count)
             update = _moments.updatable(mean, variance, count)
-            self._update_moving(mean, variance, update)
+            self._update_moving(mean, variance, update, bias)
             return mean, variance
 
         # Earlier steps, brought to the current kernel: linear in it, and
@@ -387,7 +409,10 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         # window as large as this one).
         values = ops.cast(count, dtype) * n
         self._update_moving(
-            avg_mean, avg_var, _moments.updatable(avg_mean, avg_var, values)
+            avg_mean,
+            avg_var,
+            _moments.updatable(avg_mean, avg_var, values),
+            bias,
         )
         # A step of one value per feature is stored: with the others it
         # makes a spread.
@@ -395,7 +420,11 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         self._push(kernel, mean, variance, dmu, dnu, valid, step)
         return avg_mean, avg_var
 
-    def _update_moving(self, mean, variance, update):
+    def _update_moving(self, mean, variance, update, bias):
+        """Moves the moving statistics towards the bias-free `mean` shifted
+        by `bias` (the wrapped layer's output's mean) and `variance`."""
+        if bias is not None:
+            mean = mean + bias
         mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
         _moments.moving_average(self.moving_mean, mean, self.momentum, update)
         _moments.moving_average(

@@ -46,12 +46,13 @@ def convert_normalization(model, to, return_report=False, **layer_kwargs):
       epsilon)`); a Keras layer with `renorm=True` keeps its clipping and
       its renormalization statistics.
     - `to=keras_norms.CrossIterationBatchNormalization` (`CBN`): a batch
-      normalization fed only by a bias-free `Dense` or `Conv1D/2D/3D` (no
+      normalization fed only by a `Dense` or `Conv1D/2D/3D` (no
       activation, called once, its output used by nothing else, its
       channel axis the normalized one) becomes a CBN that wraps a copy of
-      that layer. One that CBN cannot wrap (after a depthwise convolution,
-      an addition, a layer with a bias or used twice, ...) becomes a
-      `keras_norms.BatchNormalization`.
+      that layer, its bias included (CBN's moving mean is that of the
+      output with its bias: the statistics carry over as they are). One
+      that CBN cannot wrap (after a depthwise convolution, an addition, a
+      layer used twice, ...) becomes a `keras_norms.BatchNormalization`.
     - A subclass of the converted classes (its `call` may differ) and a
       layer inside a subclassed model (no graph to rebuild) are kept.
 
@@ -194,8 +195,6 @@ class _Conversion(_graph.Plan):
         """Why CBN cannot wrap the layer before a batch normalization."""
         if reason := self.pair_reason(call, _linear.SUPPORTED):
             return reason
-        if call.source.use_bias:
-            return f"the {_graph.describe(call.source)} before it has a bias"
         try:
             _linear.check_supported(call.source)
         except ValueError as error:

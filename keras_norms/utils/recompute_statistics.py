@@ -418,6 +418,10 @@ def _normalized(layer, inputs, mask):
     if isinstance(layer, CrossIterationBatchNormalization):
         kernel = ops.cast(layer.layer.kernel, inputs.dtype)
         inputs = _linear.apply(layer.layer, inputs, kernel)
+        bias = _linear.bias(layer.layer, inputs.dtype)
+        if bias is not None:  # the moving mean is the biased output's
+            shape = _axes.broadcast_shape(inputs.shape, (layer._channel_axis,))
+            inputs = inputs + ops.reshape(bias, shape)
         axes = (layer._channel_axis,)
     else:
         axes = _graph.feature_axes(layer, len(inputs.shape))

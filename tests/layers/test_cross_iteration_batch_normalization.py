@@ -240,6 +240,98 @@ def test_matches_paper_reference(
     assert apart > 1e-2 or used == 0, apart
 
 
+# (case, window_size): wrapped layers given a bias.
+BIAS_RUNS = [("dense", 3), ("dense_seq_mask", 2), ("conv2d_same_s2", 4)]
+
+
+@pytest.mark.parametrize(
+    "gradient", [True, False], ids=["exact_gradient", "authors_gradient"]
+)
+@pytest.mark.parametrize(
+    "case,window_size,masked",
+    [pytest.param(c, k, CASES[c][2], id=f"{c}-k{k}") for c, k in BIAS_RUNS],
+)
+def test_bias_cancels_in_training_and_shifts_the_moving_mean(
+    case, window_size, masked, gradient, kernel_path
+):
+    """A wrapped layer with a bias (which moves every step, as under weight
+    decay) against the float64 reference of the same layer without it:
+    training outputs and every gradient are the reference's, the bias's
+    gradient is 0 (not none), the moving mean is the reference's plus the
+    same moving average of the biases (the mean of `P @ W + b`) and the
+    moving variance the reference's; inference is batch normalization of
+    `P @ W + b` with the moving statistics."""
+    make, shape, _ = CASES[case]
+    inner = make()
+    config = inner.get_config() | {"use_bias": True}
+    inner = type(inner).from_config(config)
+    layer = keras_norms.CrossIterationBatchNormalization(
+        inner,
+        window_size=window_size,
+        compensation_gradient=gradient,
+        momentum=0.8,
+        epsilon=EPS,
+    )
+    layer.build(shape)
+    rng = np.random.default_rng(1)
+    kernel = to_numpy(inner.kernel).astype(np.float64)
+    channels = kernel.shape[-1]
+    ref = references.CBNReference(
+        channels, window_size, 0, True, EPS, 0.8, gradient, "clamp"
+    )
+    gamma = rng.uniform(0.5, 1.5, channels)
+    beta = rng.normal(size=channels)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    mask = random_mask(shape, (len(shape) - 1,)) if masked else None
+    patches = _to_patches(inner)
+    moving_bias = np.zeros(channels)  # every step updates (2+ values)
+    for step in range(STEPS):
+        kernel = kernel + 0.2 * rng.normal(size=kernel.shape)
+        bias = rng.normal(3.0, 2.0, size=channels).astype("float32")
+        inner.kernel.assign(kernel)
+        inner.bias.assign(bias)
+        x = rng.normal(0.5 * step, 1.0, size=shape).astype("float32")
+        dy = rng.normal(size=layer.compute_output_shape(shape))
+        y, dx, grads = train_call(layer, x, dy, mask)
+        ry, rdx, rdw, rdg, rdb, _ = ref.train(
+            x.astype(np.float64),
+            patches,
+            kernel.reshape(-1, channels),
+            gamma,
+            beta,
+            dy.reshape(-1, channels),
+            None if mask is None else mask.reshape(-1),
+        )
+        moving_bias = 0.8 * moving_bias + 0.2 * bias
+        what = f"step {step}"
+        assert_close_to_reference(y.reshape(-1, channels), ry, f"out {what}")
+        assert_close_to_reference(dx, rdx, f"input gradient, {what}")
+        assert_close_to_reference(
+            grads["kernel"].reshape(-1, channels), rdw, f"kernel grad, {what}"
+        )
+        assert_close_to_reference(grads["gamma"], rdg, f"gamma grad, {what}")
+        assert_close_to_reference(grads["beta"], rdb, f"beta grad, {what}")
+        np.testing.assert_array_equal(grads["bias"], np.zeros(channels))
+        assert_close_to_reference(
+            to_numpy(layer.moving_mean),
+            ref.moving_mean + moving_bias,
+            f"mean, {what}",
+        )
+        assert_close_to_reference(
+            to_numpy(layer.moving_variance),
+            ref.moving_variance,
+            f"variance, {what}",
+        )
+    x = rng.normal(size=shape).astype("float32")
+    out = to_numpy(layer(x, training=False)).reshape(-1, channels)
+    biased = patches(x.astype(np.float64)) @ kernel.reshape(-1, channels)
+    expected = (biased + bias - to_numpy(layer.moving_mean)) / np.sqrt(
+        to_numpy(layer.moving_variance) + EPS
+    ) * gamma + beta
+    assert_close_to_reference(out, expected, "inference")
+
+
 def test_uncompensated_averaging_ignores_compensation_gradient(monkeypatch):
     """`compensation=False`: nothing depends on the earlier kernels, so
     the gradient convention makes no difference (reference: the naive
@@ -467,7 +559,6 @@ def test_config_round_trip():
             lambda: keras.layers.Dense(3, use_bias=False, activation="relu"),
             "activation",
         ),
-        (lambda: keras.layers.Dense(3), "use_bias=False"),
         (lambda: keras.layers.Conv2D(4, 3, groups=2, use_bias=False), "groups"),
         (
             lambda: keras.layers.Dense(

@@ -121,10 +121,10 @@ TARGETS = {"bn": BN, "brn": BRN, "cbn": CBN}
 # What CBN conversion does with each layer of the models above.
 CBN_EXPECTED = {
     "bn1": ("CrossIterationBatchNormalization", "wraps the Dense 'd1'"),
-    "bn2": ("BatchNormalization", "the Dense 'd2' before it has a bias"),
+    "bn2": ("CrossIterationBatchNormalization", "wraps the Dense 'd2'"),
     "bn_conv": ("CrossIterationBatchNormalization", "wraps the Conv2D"),
     "bn_depthwise": ("BatchNormalization", "DepthwiseConv2D 'dw', not a"),
-    "bn_bias": ("BatchNormalization", "'biased' before it has a bias"),
+    "bn_bias": ("CrossIterationBatchNormalization", "wraps the Conv2D"),
     "bn_add": ("BatchNormalization", "its input comes from Add 'add'"),
     "bn_shared": ("BatchNormalization", "is shared (called 2 times)"),
     "bn_activation": ("BatchNormalization", "has activation 'relu'"),
@@ -227,23 +227,26 @@ def _assert_weights_carried(old, new):
 def test_cbn_carries_the_kernel_and_trains_like_a_hand_built_one():
     model = _sequential_dense()
     randomize(model)
-    with pytest.warns(UserWarning, match="1 of 2 layers"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer converts: no warning
         new = convert_normalization(model, CBN, window_size=3)
-    cbn = new.get_layer("bn1")
-    np.testing.assert_array_equal(
-        to_numpy(cbn.layer.kernel), to_numpy(model.get_layer("d1").kernel)
-    )
-    assert cbn.window_size == 3 and cbn.layer.name == "d1"
-    fallback = new.get_layer("bn2")
-    assert type(fallback) is BN and not hasattr(fallback, "window_size")
+    for name, linear in (("bn1", "d1"), ("bn2", "d2")):
+        cbn = new.get_layer(name)
+        old = model.get_layer(linear)
+        assert cbn.window_size == 3 and cbn.layer.name == linear
+        for weight in ("kernel", "bias") if old.use_bias else ("kernel",):
+            np.testing.assert_array_equal(
+                to_numpy(getattr(cbn.layer, weight)),
+                to_numpy(getattr(old, weight)),
+            )
+    assert new.get_layer("bn2").layer.use_bias
 
     hand = keras.Sequential(
         [
             keras.Input((6,)),
             CBN(layers.Dense(5, use_bias=False), window_size=3),
             layers.ReLU(),
-            layers.Dense(4),
-            BN(),
+            CBN(layers.Dense(4), window_size=3),
         ]
     )
     hand.set_weights(new.get_weights())
