@@ -295,11 +295,11 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         beta = ops.cast(self.beta, dtype) if self.center else None
         bias = _linear.bias(self.layer, dtype)
         if not (training and self.trainable):
-            # The moving mean is the biased output's: `linear + bias`.
-            mean = ops.cast(self.moving_mean, dtype)
+            if bias is not None:  # the output whose mean the moving one is
+                linear = linear + ops.reshape(bias, self._broadcast_shape)
             outputs = _moments.normalize_with(
                 linear,
-                mean if bias is None else mean - bias,
+                ops.cast(self.moving_mean, dtype),
                 ops.cast(self.moving_variance, dtype),
                 gamma,
                 beta,
