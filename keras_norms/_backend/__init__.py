@@ -148,3 +148,12 @@ def no_grad():
     """A context in which calls record no gradient (PyTorch's eager calls
     record an autograd graph otherwise)."""
     return _module().no_grad()
+
+
+def snapshot(values):
+    """The current values of a training step's state variables (a list),
+    as its backward pass must see them after the step has assigned new
+    ones: on PyTorch under `torch.compile`, copies pinned as saved
+    activations (see `_backend.torch.snapshot`); elsewhere the values as
+    they are."""
+    return _module().snapshot(values)

@@ -17,6 +17,7 @@ from keras_norms import _linear
 from keras_norms._backend.general import masked_moments  # noqa: F401
 from keras_norms._backend.general import multiply_add  # noqa: F401
 from keras_norms._backend.general import normalize_with  # noqa: F401
+from keras_norms._backend.general import snapshot  # noqa: F401
 
 
 def positions_layout_helps():

@@ -17,6 +17,7 @@ from keras_norms import _moments
 from keras_norms._backend.general import masked_moments  # noqa: F401
 from keras_norms._backend.general import multiply_add  # noqa: F401
 from keras_norms._backend.general import normalize_with  # noqa: F401
+from keras_norms._backend.general import snapshot  # noqa: F401
 
 # The fused kernel pays for itself above this many input elements. Below
 # it, its fixed cost outweighs the passes it saves: on 2 CPU cores with

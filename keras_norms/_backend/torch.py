@@ -43,6 +43,49 @@ def compiling():
     return torch.compiler.is_compiling()
 
 
+def snapshot(values):
+    """The values of state variables as this step's backward pass must
+    see them.
+
+    Eagerly, the variables' tensors (the callers copy those that a
+    backward formula saves, which an assignment changes in place). Under
+    `torch.compile`, copies that AOTAutograd must save: its partitioner
+    otherwise re-reads a variable in the compiled backward, after the
+    step's in-place assignment has changed it, and the backward sees other
+    statistics than the forward (CBN's window: silently different
+    gradients). Selective activation checkpointing's `MUST_SAVE` pins the
+    copies. Smallest reproduction, without Keras (torch 2.13, `backend=
+    "aot_eager"` or inductor): a step `y = x * w; avg = (y.mean(0) + buf)
+    / 2; loss = ((y - avg) ** 3).sum()` followed by `buf.copy_(
+    y.mean(0))` under `no_grad` gives other gradients of `w` compiled than
+    eager, from the first step (pytorch/pytorch#197039 pins such reads).
+    """
+    import torch
+
+    values = [getattr(v, "value", v) for v in values]
+    if not compiling():
+        return values
+    from torch.utils import checkpoint
+
+    def must_save(ctx, op, *args, **kwargs):
+        return checkpoint.CheckpointPolicy.MUST_SAVE
+
+    def copy(*tensors):
+        # A product: the partitioner drops a `torch.clone` (an alias).
+        return tuple(t * 1 for t in tensors)
+
+    return list(
+        checkpoint.checkpoint(
+            copy,
+            *values,
+            use_reentrant=False,
+            context_fn=functools.partial(
+                checkpoint.create_selective_checkpoint_contexts, must_save
+            ),
+        )
+    )
+
+
 def _rows(inputs):
     """A features-last torch tensor as `(positions, features)` (a view)."""
     return inputs.reshape(-1, inputs.shape[-1])

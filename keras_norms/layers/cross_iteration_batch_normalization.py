@@ -356,7 +356,8 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         mean, variance, count, dmu, dnu = self._batch_statistics(
             inputs, outputs, mask, moments
         )
-        step = ops.copy(self.step.value)  # a snapshot, before the increment
+        # Before the increment (in place on PyTorch: a copy).
+        step = ops.copy(_backend.snapshot([self.step])[0])
         self.step.assign_add(ops.cast(1, "int32"))
         if moments is not None:  # a kernel's: NaN for an empty batch
             mean, variance = _moments.zero_if_empty(outputs, mean, variance)
@@ -370,23 +371,29 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         # Earlier steps, brought to the current kernel: linear in it, and
         # constants in the backward pass without `compensation_gradient`.
         dtype = mean.dtype
-        past_mu = ops.cast(self.past_mu, dtype)
-        past_nu = ops.cast(self.past_nu, dtype)
+        # The buffers as this step's backward pass must see them, after
+        # `_push` has written new ones (`_backend.snapshot`).
+        buffers = [self.past_mu, self.past_nu, self.filled]
         if self.compensation:
-            past_dmu = ops.cast(self.past_dmu, dtype)
-            past_dnu = ops.cast(self.past_dnu, dtype)
+            buffers += [self.past_dmu, self.past_dnu, self.past_kernel]
+        past_mu, past_nu, filled, *derivatives = _backend.snapshot(buffers)
+        past_mu, past_nu = ops.cast(past_mu, dtype), ops.cast(past_nu, dtype)
+        if self.compensation:
+            past_dmu, past_dnu, past_kernel = derivatives
+            past_dmu = ops.cast(past_dmu, dtype)
+            past_dnu = ops.cast(past_dnu, dtype)
             if self.compensation_gradient:
                 # The backward pass reads them after `_push` has written
                 # the buffers (in place on PyTorch): take this step's copy.
                 past_dmu, past_dnu = ops.copy(past_dmu), ops.copy(past_dnu)
             else:
                 kernel = ops.stop_gradient(kernel)
-            delta = kernel - ops.cast(self.past_kernel, dtype)
+            delta = kernel - ops.cast(past_kernel, dtype)
             kernel_axes = tuple(range(1, len(delta.shape) - 1))
             past_mu = past_mu + ops.sum(past_dmu * delta, axis=kernel_axes)
             past_nu = past_nu + ops.sum(past_dnu * delta, axis=kernel_axes)
         past_var = past_nu - ops.square(past_mu)
-        filled = ops.arange(self.window_size - 1) < self.filled
+        filled = ops.arange(self.window_size - 1) < filled
         use = ops.logical_and(filled[:, None], step >= self.burnin_steps)
         if self.negative_variance == "clamp":
             past_var = ops.maximum(past_var, 0.0)
