@@ -46,7 +46,9 @@ if unwanted=$(grep -E '^(tests|benchmarks|\.ci|build|dist)/|__pycache__|\.pyc$|\
   echo "$unwanted" >&2
   exit 1
 fi
-unzip -l "$wheel" | grep -q 'dist-info/.*LICENSE' ||
+# Not `grep -q`: it exits at the first match, and under pipefail the
+# SIGPIPE that `unzip` may then get fails the check.
+unzip -l "$wheel" | grep 'dist-info/.*LICENSE' >/dev/null ||
   { echo "wheel lacks LICENSE" >&2; exit 1; }
 
 echo "release check: sdist and wheel $version built and checked" \
