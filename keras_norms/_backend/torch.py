@@ -60,8 +60,6 @@ def snapshot(values):
     y.mean(0))` under `no_grad` gives other gradients of `w` compiled than
     eager, from the first step (pytorch/pytorch#197039 pins such reads).
     """
-    import torch
-
     values = [getattr(v, "value", v) for v in values]
     if not compiling():
         return values
