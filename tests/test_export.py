@@ -31,7 +31,8 @@ NORMS = (
 
 def _trained_model(kind, linear):
     """Input -> linear -> normalization -> ReLU -> Dense, trained a few
-    steps so that every statistic is away from its initial value."""
+    steps so that every statistic is away from its initial value. CBN's
+    Conv2D has a bias (which its training leaves as it is)."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     if linear == "dense":
@@ -39,7 +40,7 @@ def _trained_model(kind, linear):
         layer = keras.layers.Dense(4, use_bias=False)
     else:
         shape = (6, 6, 3)
-        layer = keras.layers.Conv2D(4, 3, use_bias=False)
+        layer = keras.layers.Conv2D(4, 3, use_bias=kind == "cbn")
     inputs = keras.Input(shape)
     if kind == "cbn":
         h = keras_norms.CBN(layer, window_size=2)(inputs)
@@ -51,6 +52,8 @@ def _trained_model(kind, linear):
     if linear != "dense":
         h = keras.layers.Flatten()(h)
     model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    if layer.use_bias:
+        layer.bias.assign(rng.normal(size=4).astype("float32"))
     model.compile("adam", "mse")
     x = rng.normal(1.0, 2.0, size=(24,) + shape).astype("float32")
     y = rng.normal(size=(24, 2)).astype("float32")
