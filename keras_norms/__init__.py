@@ -10,6 +10,7 @@ from keras_norms.layers import CBN
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import BatchRenormalization
 from keras_norms.layers import CrossIterationBatchNormalization
+from keras_norms.layers import WeightStandardization
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "BatchRenormalization",
     "CBN",
     "CrossIterationBatchNormalization",
+    "WeightStandardization",
     "callbacks",
     "utils",
 ]

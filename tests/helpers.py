@@ -1,6 +1,7 @@
 """Test helpers on the public Keras API, for every backend."""
 
 import doctest
+import inspect
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def train_call(layer, x, dy, mask=None, training=True):
     x = ops.convert_to_tensor(np.asarray(x))
     dy = ops.convert_to_tensor(np.asarray(dy, dtype="float32"))
     m = None if mask is None else ops.convert_to_tensor(np.asarray(mask))
+    # Layers whose `call` takes no mask (e.g. a convolution) get none.
+    masks = {} if mask is None else {"mask": m}
     if not layer.built:
         layer.build(tuple(x.shape))
     names = [w.name for w in layer.trainable_weights]
@@ -34,7 +37,7 @@ def train_call(layer, x, dy, mask=None, training=True):
 
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, training=training, mask=m)
+            y = layer(x, training=training, **masks)
             loss = tf.reduce_sum(tf.cast(y, "float32") * dy)
         grads = tape.gradient(loss, [x] + layer.trainable_variables)
     elif BACKEND == "jax":
@@ -43,9 +46,14 @@ def train_call(layer, x, dy, mask=None, training=True):
         trainable = [v.value for v in layer.trainable_variables]
         non_trainable = [v.value for v in layer.non_trainable_variables]
 
+        # `stateless_call` passes its keywords to `call` as they are.
+        takes = inspect.signature(layer.call).parameters
+        if "training" in takes:
+            masks["training"] = training
+
         def loss_fn(x, trainable):
             y, new_state = layer.stateless_call(
-                trainable, non_trainable, x, training=training, mask=m
+                trainable, non_trainable, x, **masks
             )
             return (y.astype("float32") * dy).sum(), (y, new_state)
 
@@ -59,7 +67,7 @@ def train_call(layer, x, dy, mask=None, training=True):
         import torch
 
         x = x.detach().clone().requires_grad_(True)
-        y = layer(x, training=training, mask=m)
+        y = layer(x, training=training, **masks)
         loss = (y.float() * dy).sum()
         params = [v.value for v in layer.trainable_variables]
         grads = torch.autograd.grad(loss, [x] + params)

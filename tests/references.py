@@ -3,6 +3,8 @@
 - Batch normalization: Ioffe and Szegedy 2015 (arXiv 1502.03167), Alg. 1.
 - Batch renormalization: Ioffe 2017 (arXiv 1702.03275), Alg. 1, with the
   renorm statistics kept as in `keras.layers.BatchNormalization(renorm=True)`.
+- Weight standardization: Qiao et al. 2019 (arXiv 1903.10520), Eq. 5-6, and
+  the scaled variant of Brock et al. 2021 (arXiv 2102.06171), Eq. 2.
 
 Everything is float64, so the references are independent of the layers'
 float32 rounding.
@@ -316,3 +318,35 @@ class CBNReference:
             del self.buffer[self.k - 1 :]
         self.step += 1
         return out, dx, dW, dgamma, dbeta, sum(uses)
+
+
+def standardize_kernel(kernel, reduction_axes, eps, gain=None):
+    """`(W - mean) / sqrt(var + eps)` per output channel, the mean and the
+    biased variance over `reduction_axes`; with `gain` (shaped to broadcast
+    against the kernel) the scaled variant, `gain * W_hat / sqrt(fan_in)`.
+
+    Returns `(W_hat, backward)`, `backward(dW_hat)` giving `(dW, dgain)`:
+    with `Z = (W - mean) / sigma` and `a` the factor after it,
+    `dZ = a dW_hat` and `dW = (dZ - mean(dZ) - Z mean(dZ Z)) / sigma`
+    (the chain rule through the mean and the variance)."""
+    w = np.asarray(kernel, np.float64)
+    axes = tuple(reduction_axes)
+    mean = w.mean(axis=axes, keepdims=True)
+    sigma = np.sqrt(((w - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
+    z = (w - mean) / sigma
+    factor = 1.0
+    if gain is not None:
+        fan_in = np.prod([w.shape[a] for a in axes])
+        factor = np.asarray(gain, np.float64) / np.sqrt(fan_in)
+
+    def backward(d_hat):
+        d_hat = np.asarray(d_hat, np.float64)
+        dz = factor * d_hat
+        dw = dz - dz.mean(axis=axes, keepdims=True)
+        dw = (dw - z * (dz * z).mean(axis=axes, keepdims=True)) / sigma
+        dgain = None
+        if gain is not None:
+            dgain = (d_hat * z).sum(axis=axes, keepdims=True) / np.sqrt(fan_in)
+        return dw, dgain
+
+    return factor * z, backward

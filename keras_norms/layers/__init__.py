@@ -5,6 +5,7 @@ from keras_norms.layers.batch_renormalization import BatchRenormalization
 from keras_norms.layers.cross_iteration_batch_normalization import (
     CrossIterationBatchNormalization,
 )
+from keras_norms.layers.weight_standardization import WeightStandardization
 
 CBN = CrossIterationBatchNormalization
 
@@ -13,4 +14,5 @@ __all__ = [
     "BatchRenormalization",
     "CBN",
     "CrossIterationBatchNormalization",
+    "WeightStandardization",
 ]
