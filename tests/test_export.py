@@ -26,13 +26,15 @@ NORMS = (
     keras_norms.BatchNormalization,
     keras_norms.BatchRenormalization,
     keras_norms.CrossIterationBatchNormalization,
+    keras_norms.WeightStandardization,
 )
 
 
 def _trained_model(kind, linear):
     """Input -> linear -> normalization -> ReLU -> Dense, trained a few
     steps so that every statistic is away from its initial value. CBN's
-    Conv2D has a bias (which its training leaves as it is)."""
+    Conv2D has a bias (which its training leaves as it is); "ws" is a
+    weight-standardized linear layer (a scaled Dense) before BN."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     if linear == "dense":
@@ -44,6 +46,9 @@ def _trained_model(kind, linear):
     inputs = keras.Input(shape)
     if kind == "cbn":
         h = keras_norms.CBN(layer, window_size=2)(inputs)
+    elif kind == "ws":
+        ws = keras_norms.WeightStandardization(layer, scaled=linear == "dense")
+        h = keras_norms.BatchNormalization(momentum=0.5)(ws(inputs))
     elif kind == "brn":
         h = keras_norms.BatchRenormalization(momentum=0.5)(layer(inputs))
     else:
@@ -87,7 +92,7 @@ def _run_export(path, fmt, x):
 @pytest.mark.parametrize("fmt", FORMATS or ["none"])
 @pytest.mark.parametrize("folded", [False, True], ids=["as_trained", "folded"])
 @pytest.mark.parametrize("linear", ["dense", "conv2d"])
-@pytest.mark.parametrize("kind", ["bn", "brn", "cbn"])
+@pytest.mark.parametrize("kind", ["bn", "brn", "cbn", "ws"])
 def test_exported_model_predicts_like_the_model(
     kind, linear, folded, fmt, tmp_path
 ):

@@ -63,6 +63,12 @@ def numpy(variable):
     return np.asarray(variable.numpy(), np.float64)
 
 
+def tensor_numpy(tensor):
+    """A computed tensor (e.g. a standardized kernel) as float64 NumPy."""
+    value = keras.ops.convert_to_numpy(keras.ops.stop_gradient(tensor))
+    return np.asarray(value, np.float64)
+
+
 def assign(variable, value):
     """Assigns a NumPy `value` in the dtype and shape of `variable`."""
     dtype = keras.backend.standardize_dtype(variable.dtype)

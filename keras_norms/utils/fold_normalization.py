@@ -2,7 +2,9 @@
 
 In inference, a batch normalization is `y = x * s + t` per channel, with
 `s = gamma / sqrt(moving_variance + epsilon)`, `t = beta - moving_mean * s`.
-After `x = W u + b` it folds into `y = (W * s) u + (b * s + t)`.
+After `x = W u + b` it folds into `y = (W * s) u + (b * s + t)`. A weight
+standardization wrapper folds the same way: its layer with `W` replaced by
+the standardized kernel, which it uses in inference as in training.
 """
 
 import warnings
@@ -13,6 +15,7 @@ from keras import layers
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import BatchRenormalization
 from keras_norms.layers import CrossIterationBatchNormalization
+from keras_norms.layers import WeightStandardization
 from keras_norms.utils import _graph
 
 # Exact classes: a subclass may override `call`, so its inference formula is
@@ -53,7 +56,10 @@ def fold_normalization(model, return_report=False):
     is merged into that layer's kernel and bias (computed in float64) by
     its inference formula, `gamma * (inputs - moving_mean) /
     sqrt(moving_variance + epsilon) + beta`. The folded layer keeps its name
-    and gets `use_bias=True`. The new model predicts as `model` does with
+    and gets `use_bias=True`. Every `keras_norms.WeightStandardization`
+    becomes the layer it wraps, with the standardized kernel (and the
+    normalization after it folded in, as above, when the wrapped layer is
+    one of those listed). The new model predicts as `model` does with
     `training=False`, up to float32 rounding; `model` is not modified.
 
     A normalization layer is kept, as is the layer before it, when folding
@@ -69,6 +75,9 @@ def fold_normalization(model, return_report=False):
     - it is called with `training=True` or an explicit `mask` (which would
       not reach the next layers after folding);
     - it is a subclass of a supported class (its `call` may differ).
+
+    A weight standardization wrapper is kept when it is a subclass, or is
+    called with more than one input tensor.
 
     A `UserWarning` names each kept layer and the reason. A shared CBN
     becomes one shared linear layer. Nested `Sequential` and functional
@@ -118,16 +127,21 @@ def fold_normalization(model, return_report=False):
 
 
 class _Folding(_graph.Plan):
-    """Folds each normalization it can into the layer before it."""
+    """Folds each normalization it can into the layer before it, and each
+    weight standardization into the layer it wraps."""
 
-    targets = _NORMALIZATIONS
+    targets = _NORMALIZATIONS + (WeightStandardization,)
     utility = "fold_normalization"
 
     def __init__(self, model, prefix):
         super().__init__(model, prefix)
-        self.folds = {}  # id(linear or CBN) -> (linear, normalization)
+        # id(linear, WS or CBN) -> (linear or WS, normalization or None)
+        self.folds = {}
         self.removed = set()  # id(normalization folded into the previous)
         self.names = {layer.name for layer in model.layers}
+        for call in self.calls:  # a wrapped layer is called with its WS
+            if type(call.layer) is WeightStandardization:
+                self.counts[id(call.layer.layer)] = self.counts[id(call.layer)]
         for call in self.calls:
             norm = call.layer
             if not isinstance(norm, _NORMALIZATIONS):
@@ -147,7 +161,7 @@ class _Folding(_graph.Plan):
             elif cbn:
                 reason = _graph.call_reason(call)
             else:
-                reason = self.pair_reason(call, _LINEAR)
+                reason = self.pair_reason(_unwrapped_source(call), _LINEAR)
             if reason is not None:
                 self.report[prefix + norm.name] = reason
             elif cbn:
@@ -159,15 +173,44 @@ class _Folding(_graph.Plan):
         for key, (_, norm) in list(self.folds.items()):
             if prefix + norm.name in self.report:
                 del self.folds[key]
+        # A weight standardization with no normalization folded into it
+        # becomes its layer with the standardized kernel.
+        for call in self.calls:
+            ws = call.layer
+            if not isinstance(ws, WeightStandardization):
+                continue
+            if type(ws) is not WeightStandardization:
+                reason = (
+                    f"it is a {type(ws).__name__}, a subclass of "
+                    "WeightStandardization whose kernel may differ"
+                )
+            else:
+                reason = _graph.call_reason(call)
+            if reason is not None:
+                self.report[prefix + ws.name] = reason
+            elif id(ws) not in self.folds:
+                self.folds[id(ws)] = (ws, None)
+        for key, (linear, norm) in list(self.folds.items()):
+            kept = prefix + linear.name in self.report
+            if isinstance(linear, WeightStandardization) and kept and norm:
+                # Its WS cannot be folded: the normalization stays too.
+                del self.folds[key]
+                self.removed.discard(id(norm))
+                self.report[prefix + norm.name] = (
+                    f"the {_graph.describe(linear)} before it is kept"
+                )
 
     def replace(self, layer):
         if id(layer) in self.removed:
             return _graph.SKIP
         if id(layer) not in self.folds:
             return None
-        linear, _ = self.folds[id(layer)]
-        config = linear.get_config() | {"use_bias": True}
-        if linear is not layer:  # a CBN's wrapped layer takes its place
+        linear, norm = self.folds[id(layer)]
+        linear = _unwrapped(linear)
+        config = linear.get_config()
+        if norm is not None:
+            config["use_bias"] = True
+        if linear is not layer:  # a CBN's or WS's layer takes its place
             self.names.discard(layer.name)
             if config["name"] in self.names:
                 config["name"] = layer.name
@@ -175,7 +218,13 @@ class _Folding(_graph.Plan):
         return type(linear).from_config(config)
 
     def set_weights(self, old, new):
-        linear, norm = self.folds[id(old)]
+        source, norm = self.folds[id(old)]
+        linear = _unwrapped(source)
+        if norm is None:  # a weight standardization alone
+            values = linear.get_weights()
+            values[0] = _graph.tensor_numpy(source.standardized_kernel())
+            new.set_weights(values)
+            return
         kernel_name, layout = _LINEAR[type(linear)]
         for value, variable in zip(linear.get_weights(), new.weights):
             variable.assign(value)  # e.g. a separable depthwise kernel
@@ -187,10 +236,28 @@ class _Folding(_graph.Plan):
         shift = -_graph.numpy(norm.moving_mean) * scale
         if norm.center:
             shift = shift + _graph.numpy(norm.beta)
-        kernel = _graph.numpy(getattr(linear, kernel_name))
+        if source is linear:
+            kernel = _graph.numpy(getattr(linear, kernel_name))
+        else:
+            kernel = _graph.tensor_numpy(source.standardized_kernel())
         # `scale` along the output channels in the kernel's last two axes.
         last = {"last": (1, -1), "transpose": (-1, 1)}.get(layout)
         shape = (1,) * (kernel.ndim - 2) + (last or kernel.shape[-2:])
         _graph.assign(getattr(new, kernel_name), kernel * scale.reshape(shape))
         bias = _graph.numpy(linear.bias) if linear.use_bias else 0.0
         _graph.assign(new.bias, bias * scale + shift)
+
+
+def _unwrapped(layer):
+    """The layer a weight standardization wraps, or `layer` itself."""
+    if type(layer) is WeightStandardization:
+        return layer.layer
+    return layer
+
+
+def _unwrapped_source(call):
+    """`call` with a weight-standardized source seen as the wrapped layer
+    (which is called exactly as often as its wrapper)."""
+    if type(call.source) is not WeightStandardization:
+        return call
+    return call._replace(source=call.source.layer)

@@ -21,8 +21,10 @@ from tests.helpers import to_numpy
 NORMALIZATIONS = (
     keras_norms.BatchNormalization,
     keras_norms.CrossIterationBatchNormalization,
+    keras_norms.WeightStandardization,
     layers.BatchNormalization,
 )
+WS = keras_norms.WeightStandardization
 
 
 def _input_data(model, seed=1):
@@ -232,7 +234,61 @@ def _cbn_name_clash():
     return keras.Model(inputs, h)
 
 
+def _with_gain(model):
+    """Gives each scaled weight standardization a gain other than ones."""
+    for layer in model.layers:
+        if isinstance(layer, WS) and layer.scaled:
+            gain = np.linspace(0.5, 2.0, layer.gain.shape[-1])
+            layer.gain.assign(np.broadcast_to(gain, layer.gain.shape))
+    return model
+
+
+def _ws_conv2d_scaled_bn():
+    return _with_gain(
+        _sequential(
+            (6, 6, 3),
+            WS(layers.Conv2D(4, 3, use_bias=False, name="linear"), scaled=True),
+            keras_norms.BatchNormalization(),
+            layers.ReLU(),
+        )
+    )
+
+
+def _ws_depthwise_keras_bn():
+    return _sequential(
+        (6, 6, 3),
+        WS(layers.DepthwiseConv2D(3, depth_multiplier=2, name="linear")),
+        layers.BatchNormalization(),
+    )
+
+
+def _ws_alone():
+    """Each kind alone, followed by group normalization (which stays)."""
+    return _with_gain(
+        _sequential(
+            (5, 5, 2),
+            WS(layers.Conv2DTranspose(4, 3, strides=2), scaled=True),
+            layers.GroupNormalization(2),
+            WS(layers.Conv2D(3, 2)),
+            layers.Reshape((-1, 3)),
+            WS(layers.Dense(4, activation="tanh")),
+            WS(layers.EinsumDense("abc,cd->abd", (None, 2), bias_axes="d")),
+        )
+    )
+
+
+def _shared_ws():
+    """One WS called twice becomes one Dense called twice."""
+    a, b = keras.Input((6,)), keras.Input((6,))
+    ws = WS(layers.Dense(5, name="linear"))
+    return keras.Model([a, b], layers.Add()([ws(a), ws(b)]))
+
+
 FOLDABLE = {
+    "ws_conv2d_scaled_bn": _ws_conv2d_scaled_bn,
+    "ws_depthwise_keras_bn": _ws_depthwise_keras_bn,
+    "ws_alone": _ws_alone,
+    "shared_ws": _shared_ws,
     "dense_bn": _dense_bn,
     "dense_no_bias_brn": _dense_without_bias_brn,
     "conv2d_keras_bn": _conv2d_keras_bn,
@@ -390,8 +446,26 @@ def _foreign_mask():
     return keras.Model(inputs, layers.LSTM(3)(h))
 
 
+def _ws_relu_bn():
+    return _sequential(
+        (6,),
+        WS(layers.Dense(5, activation="relu")),
+        keras_norms.BatchNormalization(name="norm"),
+    )
+
+
+def _ws_einsum_bn():
+    return _sequential(
+        (6,),
+        WS(layers.EinsumDense("ab,bc->ac", 5)),
+        keras_norms.BatchNormalization(name="norm"),
+    )
+
+
 # Builder, then a word the reason must contain.
 KEPT = {
+    "ws_dense_relu_bn": (_ws_relu_bn, "activation 'relu'"),
+    "ws_einsum_bn": (_ws_einsum_bn, "not a Dense or convolution"),
     "bn_first_layer": (_bn_first, "first layer"),
     "dense_relu_bn": (_dense_relu_bn, "activation 'relu'"),
     "dense_output_in_two_branches": (_two_branches, "also used"),
@@ -422,6 +496,24 @@ def test_keeps_and_reports_what_cannot_be_folded(build, reason):
     for a, b in zip(norm.get_weights(), model.get_layer("norm").get_weights()):
         np.testing.assert_array_equal(a, b)
     assert_same_predictions(_predict(folded, x), expected)
+
+
+def test_keeps_a_subclass_of_weight_standardization():
+    class Custom(WS):
+        pass
+
+    model = _sequential(
+        (6,),
+        Custom(layers.Dense(5), name="ws"),
+        keras_norms.BatchNormalization(name="norm"),
+    )
+    randomize(model)
+    x = _input_data(model)
+    folded, report, _ = _fold(model)
+    assert sorted(report) == ["norm", "ws"]
+    assert "subclass of WeightStandardization" in report["ws"]
+    assert type(folded.get_layer("ws")) is Custom
+    assert_same_predictions(_predict(folded, x), _predict(model, x))
 
 
 def test_report_names_layers_inside_nested_models():
