@@ -9,6 +9,7 @@ from keras_norms import _linear
 from keras_norms.layers import BatchNormalization
 from keras_norms.layers import BatchRenormalization
 from keras_norms.layers import CrossIterationBatchNormalization
+from keras_norms.layers import WeightStandardization
 from keras_norms.utils import _graph
 
 # Exact classes: a subclass may override `call`; it is kept.
@@ -193,6 +194,12 @@ class _Conversion(_graph.Plan):
 
     def _wrap_reason(self, call):
         """Why CBN cannot wrap the layer before a batch normalization."""
+        if isinstance(call.source, WeightStandardization):
+            return (
+                f"its input comes from the {_graph.describe(call.source)}, "
+                "and CBN compensates the statistics of a plain kernel, not "
+                "of a standardized one"
+            )
         if reason := self.pair_reason(call, _linear.SUPPORTED):
             return reason
         try:

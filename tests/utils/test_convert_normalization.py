@@ -103,6 +103,22 @@ def _masked_sequence():
     return keras.Model(inputs, layers.LSTM(2)(h))
 
 
+def _weight_standardized():
+    """BN after weight-standardized layers (the WS layers carry over)."""
+    WS = keras_norms.WeightStandardization
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            WS(layers.Conv2D(3, 3, use_bias=False), scaled=True),
+            BN(name="bn_ws"),
+            layers.ReLU(),
+            layers.Flatten(),
+            WS(layers.Dense(4)),
+            layers.BatchNormalization(name="bn_ws_dense"),
+        ]
+    )
+
+
 def _mobilenet():
     return keras.applications.MobileNetV2(
         input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=5
@@ -115,6 +131,7 @@ BUILDS = {
     "nested_backbone": _nested_backbone,
     "keras_renorm": _keras_renorm,
     "masked_sequence": _masked_sequence,
+    "weight_standardized": _weight_standardized,
     "mobilenet_v2": _mobilenet,
 }
 TARGETS = {"bn": BN, "brn": BRN, "cbn": CBN}
@@ -131,6 +148,8 @@ CBN_EXPECTED = {
     "backbone/stem_bn": ("CrossIterationBatchNormalization", "wraps"),
     "head_brn": ("CrossIterationBatchNormalization", "wraps the Dense"),
     "bn_seq": ("CrossIterationBatchNormalization", "wraps the Dense"),
+    "bn_ws": ("BatchNormalization", "of a plain kernel, not"),
+    "bn_ws_dense": ("BatchNormalization", "of a plain kernel, not"),
 }
 
 

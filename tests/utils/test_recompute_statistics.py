@@ -773,3 +773,17 @@ def test_docstring_example():
     result = doctest.testmod(module)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_after_weight_standardization(kind):
+    """The statistics of a weight-standardized convolution's outputs."""
+    ws = keras_norms.WeightStandardization(
+        keras.layers.Conv2D(3, 3), scaled=True
+    )
+    model = keras.Sequential([keras.Input((6, 6, 2)), ws, NORMS[kind]()])
+    ws.gain.assign(np.array([0.5, 1.0, 2.0], "float32"))
+    _scramble(model)
+    x = _inputs((6, 6, 2))
+    recompute_statistics(model, x, batch_size=16, verbose=0)
+    _assert_statistics(model.get_layer("norm"), to_numpy(ws(x)), "after WS")
