@@ -1,9 +1,12 @@
-r"""Small-batch and non-i.i.d. study: BN, BRN (+warm-up), CBN and GN on digits.
+r"""Small-batch and non-i.i.d. study: BN, BRN, CBN, GN and GN+WS on digits.
 
 Trains the same small CNN (examples/digits_common.py) with
 keras_norms.BatchNormalization, BatchRenormalization + RenormWarmup,
-CrossIterationBatchNormalization and Keras's GroupNormalization, at several
-batch sizes and in a non-i.i.d. setting, over several seeds, then prints a
+CrossIterationBatchNormalization, Keras's GroupNormalization, and
+GroupNormalization after keras_norms.WeightStandardization of each linear
+layer (GN+WS, the pairing the WS paper recommends for micro-batches), at
+several batch sizes and in a non-i.i.d. setting, over several seeds, then
+prints a
 table (test accuracy mean ± std, training time per epoch) and writes a PNG
 plot (`--out`) and, with `--json`, one record per training run.
 
@@ -48,7 +51,7 @@ from sklearn.model_selection import train_test_split
 
 import keras_norms
 
-LAYERS = ("BN", "BRN", "CBN", "GN")
+LAYERS = ("BN", "BRN", "CBN", "GN", "GN+WS")
 # Runs here are a few hundred to 2,400 steps: with Keras's 0.99 the moving
 # statistics would stay half-way from their initial values after 76 steps
 # (0.99 ** 76 = 0.47), so every layer averages with 0.9.
@@ -106,6 +109,11 @@ def normalized(kind, cbn_kwargs=None):
             ]
         if kind == "GN":
             return [linear, keras.layers.GroupNormalization(groups=GROUPS)]
+        if kind == "GN+WS":
+            return [
+                keras_norms.WeightStandardization(linear),
+                keras.layers.GroupNormalization(groups=GROUPS),
+            ]
         if kind == "CBN":
             kwargs = dict(momentum=MOMENTUM, **(cbn_kwargs or {}))
             return [
@@ -164,6 +172,7 @@ STYLES = {
     "BRN": ("C1", "s", "BRN + warm-up"),
     "CBN": ("C2", "^", "CBN (k=4)"),
     "GN": ("C3", "D", f"GN ({GROUPS} groups)"),
+    "GN+WS": ("C4", "v", "GN + WS"),
 }
 
 
@@ -192,7 +201,8 @@ def plot(results, args, path):
     seeds = len(args.seeds)
     ylabel = f"test accuracy (mean ± std, {seeds} seeds)"
     # Layers side by side around each x, so their error bars stay apart.
-    shifts = {kind: (i - 1.5) for i, kind in enumerate(LAYERS)}
+    middle = (len(LAYERS) - 1) / 2
+    shifts = {kind: (i - middle) for i, kind in enumerate(LAYERS)}
     handles = []
 
     lows, highs = [], []
@@ -417,7 +427,15 @@ def print_differences(records, ablation=None):
     # (label, setting, first cell, second cell) of each paired difference.
     pairs = [
         (f"{a} - {b}", name(*setting), (a, *setting), (b, *setting))
-        for a, b in (("BRN", "BN"), ("CBN", "BN"), ("GN", "BN"), ("CBN", "GN"))
+        for a, b in (
+            ("BRN", "BN"),
+            ("CBN", "BN"),
+            ("GN", "BN"),
+            ("CBN", "GN"),
+            ("GN+WS", "GN"),
+            ("GN+WS", "BN"),
+            ("CBN", "GN+WS"),
+        )
         for setting in [(size, None) for size in iid] + noniid
     ]
     pairs += [
@@ -440,6 +458,16 @@ def print_differences(records, ablation=None):
                 (kind, large, None),
             )
             for kind in LAYERS
+        ]
+        # The WS paper's claim: GN+WS at micro-batches matches or beats BN
+        # at large batches.
+        pairs += [
+            (
+                f"GN+WS batch {small} - BN batch {large}",
+                "i.i.d.",
+                ("GN+WS", small, None),
+                ("BN", large, None),
+            )
         ]
     for label, setting, first, second in pairs:
         paired = _paired(acc.get(first, {}), acc.get(second, {}))
@@ -514,7 +542,7 @@ def train_all(settings, args):
                 )
                 setting = "iid" if classes is None else f"{classes} cls"
                 print(
-                    f"[{len(records):3d}/{total}] {kind:3s} batch "
+                    f"[{len(records):3d}/{total}] {kind:5s} batch "
                     f"{batch_size:3d} {setting:6s} seed {seed}: accuracy "
                     f"{accuracy:.3f}, {per_epoch:.2f} s/epoch",
                     flush=True,

@@ -262,3 +262,17 @@ def test_online_speed_benchmark_runs_and_reports(tmp_path):
             candidate = label.startswith("kn_") and label.endswith("keras_bn")
             assert r["target"] == (1.1 if size == "1" and candidate else None)
     assert "kn_cbn / keras_bn" in result.stdout
+
+
+def test_ws_speed_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "ws.json"
+    result = run_script("benchmarks/ws_speed.py", "--tiny", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert sorted(report["train"]) == ["conv", "ws", "ws_scaled"]
+    assert sorted(report["inference"]) == ["conv", "ws", "ws_folded"]
+    for part in ("train", "inference"):
+        for entry in report[part].values():
+            low, high = entry["range"]
+            assert 0 < low <= entry["ratio"] <= high, report
+    assert report["folded_relative_difference"] < 1e-5
+    assert "target train step Conv2D + WS <= 1.05x" in result.stdout

@@ -69,10 +69,10 @@ def test_small_batch_study_quick_writes_table_plot_and_json(tmp_path):
         "--json",
         str(records),
     )
-    assert "| setting | BN | BRN | CBN | GN |" in result.stdout
+    assert "| setting | BN | BRN | CBN | GN | GN+WS |" in result.stdout
     rows = re.findall(r"^\| batch .*\|$", result.stdout, re.MULTILINE)
     assert len(rows) == 3, result.stdout  # batch 4, batch 16, non-i.i.d.
-    assert re.search(r"\[ 12/12\] GN  batch  16 2 cls", result.stdout)
+    assert re.search(r"\[ 15/15\] GN\+WS batch  16 2 cls", result.stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads(records.read_text())["results"]
     assert [
@@ -80,7 +80,7 @@ def test_small_batch_study_quick_writes_table_plot_and_json(tmp_path):
     ] == [
         (layer, batch, classes)
         for batch, classes in ((4, None), (16, None), (16, 2))
-        for layer in ("BN", "BRN", "CBN", "GN")
+        for layer in ("BN", "BRN", "CBN", "GN", "GN+WS")
     ]
     for r in runs:
         assert r["seed"] == 0 and r["seconds"] > 0, r
@@ -88,8 +88,35 @@ def test_small_batch_study_quick_writes_table_plot_and_json(tmp_path):
     # The table's cells are the mean of these runs (one seed each here).
     first = re.findall(r"(\d\.\d{3}) ±", rows[0])
     assert [float(a) for a in first] == [
-        round(r["accuracy"], 3) for r in runs[:4]
+        round(r["accuracy"], 3) for r in runs[:5]
     ]
+
+
+def test_small_batch_study_differences_from_the_docs_records(tmp_path):
+    """The study's records in docs/ give the paired differences the docs
+    quote, the WS paper's claims among them (no training)."""
+    result = run_script(
+        "examples/small_batch_study.py",
+        "--plot-from",
+        "docs/small_batch_study.json",
+        "--out",
+        str(tmp_path / "study.png"),
+        "--differences",
+    )
+    rows = {
+        line.split(" | ")[0].lstrip("| ") + " @ " + line.split(" | ")[1]: line
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and " | 3 | " in line
+    }
+    expected = {
+        "GN+WS - GN @ batch 2": "+1.5 ± 2.5",
+        "GN+WS - GN @ batch 4": "-1.0 ± 0.6",
+        "GN+WS - BN @ batch 16, 2 classes each": "+3.8 ± 1.5",
+        "GN+WS batch 2 - BN batch 32 @ i.i.d.": "-0.8 ± 1.0",
+        "GN+WS: batch 2 - batch 32 @ i.i.d.": "+0.2 ± 0.6",
+    }
+    for pair, value in expected.items():
+        assert f"| {value} |" in rows[pair], (pair, rows.get(pair))
 
 
 def test_online_learning_quick_writes_table_plot_and_json(tmp_path, capsys):

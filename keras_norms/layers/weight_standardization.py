@@ -6,6 +6,7 @@ import math
 import keras
 from keras import layers
 from keras import ops
+from keras.src.backend import AutocastScope
 from keras.src.backend import get_stateless_scope
 
 # Layer class -> where its kernel keeps the output channels: "last"
@@ -159,7 +160,12 @@ class WeightStandardization(layers.Wrapper):
         dtype = kernel.dtype
         if dtype in ("float16", "bfloat16"):
             dtype = "float32"
-        value = ops.cast(kernel.value, dtype)
+        # Read in the variables' own dtype: under a mixed precision policy
+        # the call runs in an autocast scope that would give a float16 copy
+        # (and Keras enters it even for a layer with `autocast=False`).
+        with AutocastScope(None):
+            value = ops.cast(kernel.value, dtype)
+            gain = None if self.gain is None else self.gain.value
         mean = ops.mean(value, axis=self.reduction_axes, keepdims=True)
         centered = value - mean
         variance = ops.mean(
@@ -167,7 +173,7 @@ class WeightStandardization(layers.Wrapper):
         )
         scale = ops.rsqrt(variance + self.epsilon)
         if self.scaled:
-            gain = ops.cast(self.gain.value, dtype)
+            gain = ops.cast(gain, dtype)
             scale = scale * _expand(gain, self.output_axes, len(kernel.shape))
             scale = scale / math.sqrt(self.fan_in)
         return ops.cast(centered * scale, kernel.dtype)

@@ -418,3 +418,23 @@ def test_mask_passes_through_as_for_the_wrapped_layer():
 
 def test_docstring_example():
     assert_docstring_examples_pass(keras_norms.WeightStandardization)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_reads_the_float32_kernel_inside_the_call(policy):
+    """A kernel far from 0 relative to its spread (50 + N(0, 0.01)) keeps
+    its spread only in float32: float16 spaces values by 0.03 at 50. The
+    standardization inside the call must read the float32 kernel, not the
+    half-precision copy the wrapped layer computes with."""
+    keras.config.set_dtype_policy(policy)
+    dense = layers.Dense(4, use_bias=False)
+    ws = keras_norms.WeightStandardization(dense)
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    ws.build(x.shape)
+    kernel = 50.0 + 0.01 * np.random.default_rng(1).normal(size=(16, 4))
+    dense.kernel.assign(kernel.astype("float32"))
+    w_hat, _ = references.standardize_kernel(kernel, (0,), 1e-5)
+    expected = x.astype(np.float64) @ w_hat
+    y = to_numpy(keras.ops.cast(ws(x), "float32"))
+    error = np.abs(y - expected).max() / np.abs(expected).max()
+    assert error < {"mixed_float16": 2e-3, "mixed_bfloat16": 2e-2}[policy]
