@@ -354,8 +354,6 @@ def test_fit_matches_the_standardization_by_hand(jit_compile):
     """Training through the wrapper: after `fit`, the wrapper's kernel is
     what SGD on the reference gradients gives (one step, so the plain
     twin's kernel stays the standardized kernel of the start)."""
-    if jit_compile and BACKEND == "torch":
-        pytest.skip("torch.compile of a small model costs a minute on CPU")
     ws, _ = _twin_models()
     x = np.random.default_rng(0).normal(size=(4, 6, 6, 2)).astype("float32")
     y = np.random.default_rng(1).normal(size=(4, 3)).astype("float32")
