@@ -24,6 +24,18 @@ def check_number(name, value, accepted):
     )
 
 
+def check_positive(name, value):
+    """Coerces `value` to float and checks that it is positive and finite
+    (an epsilon)."""
+    number = check_number(name, value, "> 0")
+    if not 0.0 < number < float("inf"):
+        raise ValueError(
+            f"Argument `{name}` must be positive and finite. Received: "
+            f"{name}={value}"
+        )
+    return number
+
+
 def check_bool(name, value):
     """`value` if it is True or False (a NumPy bool too), else a
     TypeError naming `name`: `bool()` would take `"no"` for True."""

@@ -42,13 +42,9 @@ class NormalizationParameters:
         self.momentum = _checks.check_unit_interval(
             "momentum", arguments.pop("momentum")
         )
-        epsilon = arguments.pop("epsilon")
-        self.epsilon = _checks.check_number("epsilon", epsilon, "> 0")
-        if not 0.0 < self.epsilon < float("inf"):
-            raise ValueError(
-                f"Argument `epsilon` must be positive and finite. Received: "
-                f"epsilon={epsilon}"
-            )
+        self.epsilon = _checks.check_positive(
+            "epsilon", arguments.pop("epsilon")
+        )
         self.center = _checks.check_bool("center", arguments.pop("center"))
         self.scale = _checks.check_bool("scale", arguments.pop("scale"))
         for name, value in arguments.items():

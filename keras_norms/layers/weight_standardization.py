@@ -9,6 +9,8 @@ from keras import ops
 from keras.src.backend import AutocastScope
 from keras.src.backend import get_stateless_scope
 
+from keras_norms import _checks
+
 # Layer class -> where its kernel keeps the output channels: "last"
 # (..., C_in, C), "transpose" (..., C, C_in) or "depthwise"
 # (..., C_in, depth_multiplier), one output channel per (c, m) pair.
@@ -114,22 +116,8 @@ class WeightStandardization(layers.Wrapper):
     def __init__(self, layer, epsilon=1e-5, scaled=False, **kwargs):
         super().__init__(layer, **kwargs)
         _check_supported(layer)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise TypeError(
-                "`epsilon` must be a positive float. Received: "
-                f"epsilon={epsilon!r}"
-            )
-        if not epsilon > 0:
-            raise ValueError(
-                "`epsilon` must be a positive float. Received: "
-                f"epsilon={epsilon!r}"
-            )
-        if not isinstance(scaled, bool):
-            raise TypeError(
-                f"`scaled` must be True or False. Received: scaled={scaled!r}"
-            )
-        self.epsilon = float(epsilon)
-        self.scaled = scaled
+        self.epsilon = _checks.check_positive("epsilon", epsilon)
+        self.scaled = _checks.check_bool("scaled", scaled)
         self.supports_masking = layer.supports_masking
         self.gain = None
 
