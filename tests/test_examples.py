@@ -321,3 +321,39 @@ def test_multi_worker_launcher_stops_every_worker_when_one_fails():
         [sys.executable, "-c", ok], 2, 60
     )
     assert outputs == ["worker 0\n", "worker 1\n"]
+
+
+def test_crossq_quick_trains_each_variant_and_switches_inside_the_step(
+    tmp_path,
+):
+    png, records = tmp_path / "crossq.png", tmp_path / "crossq.json"
+    # --switch 0.5: plain BN for the critic's first 150 of 300 updates. The
+    # actor trains at every third update: its 100 calls stay before it.
+    result = run_script(
+        "examples/crossq.py",
+        "--quick",
+        "--switch",
+        "0.5",
+        "--out",
+        str(png),
+        "--json",
+        str(records),
+    )
+    row = r"^\| (\w+) \| (-?\d+) ± 0 \| (-?\d+) ± 0 \| (\d+\.\d) \|$"
+    rows = re.findall(row, result.stdout, re.MULTILINE)
+    variants = ["crossq_brn", "crossq_bn", "sac"]
+    assert [r[0] for r in rows] == variants, result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = json.loads(records.read_text())["runs"]
+    assert [r["variant"] for r in runs] == variants
+    for r in runs:
+        assert r["steps"] == [200, 400] and r["updates"] == 300, r
+        # Pendulum's reward per step lies in [-16.3, 0], over 200 steps.
+        assert all(-3300 < x < 0 for x in r["returns"]), r
+        assert r["ms_per_update"] > 0, r
+    # [rmax, dmax, step] of the first BRN layer of each network: the
+    # schedule switched inside the compiled critic step; the critic's
+    # inference calls (in the actor's loss) did not count as steps.
+    assert runs[0]["critic_brn"] == [3.0, 5.0, 300.0], runs[0]
+    assert runs[0]["actor_brn"] == [1.0, 0.0, 100.0], runs[0]
+    assert runs[1]["critic_brn"] is None and runs[2]["actor_brn"] is None
