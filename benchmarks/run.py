@@ -17,6 +17,7 @@ allocations on CPU.
     KERAS_BACKEND=jax python benchmarks/run.py --json results.json
     python benchmarks/run.py --backends tensorflow,jax,torch   # one table
     python benchmarks/run.py --tiny               # seconds; used by tests
+    python benchmarks/run.py --shape 4d_nhwc=64x56x56x64   # another size
 
 `--jit` defaults to Keras's default per backend on a CPU: XLA on JAX,
 none on PyTorch; TensorFlow runs both. Comparisons (ratio = candidate /
@@ -288,6 +289,14 @@ def main(argv=None):
     )
     parser.add_argument("--cases", default=",".join(FULL))
     parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="CASE=DIMS",
+        help="another input shape for a case, e.g. 4d_nhwc=64x56x56x64 "
+        "(repeatable; the case keeps its mask)",
+    )
+    parser.add_argument(
         "--jit",
         default=None,
         help="off, on or both (default: Keras's default per backend on a "
@@ -317,7 +326,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.backends:
         return run_backends(args, argv)
-    sizes = TINY if args.tiny else FULL
+    sizes = with_shapes(TINY if args.tiny else FULL, args.shape, parser)
     rounds = args.rounds or (3 if args.tiny else 40)
     backend = keras.backend.backend()
     repeats = args.repeats or (1 if args.tiny else DEFAULT_REPEATS[backend])
@@ -395,6 +404,25 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def with_shapes(sizes, overrides, parser):
+    """`sizes` with the `--shape CASE=DIMS` overrides applied."""
+    sizes = dict(sizes)
+    for override in overrides:
+        case, _, dims = override.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split("x"))
+        except ValueError:
+            shape = ()
+        if case not in sizes or len(shape) != len(sizes[case][0]):
+            parser.error(
+                f"--shape {override}: expected CASE=DIMS with CASE one of "
+                f"{sorted(sizes)} and as many dims as its shape, e.g. "
+                "4d_nhwc=64x56x56x64"
+            )
+        sizes[case] = (shape, sizes[case][1])
+    return sizes
 
 
 def run_header(rounds, repeats):

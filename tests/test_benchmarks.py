@@ -276,3 +276,23 @@ def test_ws_speed_benchmark_runs_and_reports(tmp_path):
             assert 0 < low <= entry["ratio"] <= high, report
     assert report["folded_relative_difference"] < 1e-5
     assert "target train step Conv2D + WS <= 1.05x" in result.stdout
+
+
+def test_harness_takes_another_shape_for_a_case():
+    """`--shape CASE=DIMS` (the GPU check's 64x56x56x64 4-D case) replaces
+    a case's shape and keeps its mask; a shape of another rank, or an
+    unknown case, is refused."""
+    import argparse
+
+    run = _load_run()
+    parser = argparse.ArgumentParser()
+    sizes = run.with_shapes(
+        run.FULL, ["4d_nhwc=64x56x56x64", "3d_mask=8x10x16"], parser
+    )
+    assert sizes["4d_nhwc"] == ((64, 56, 56, 64), False)
+    assert sizes["3d_mask"] == ((8, 10, 16), True)
+    assert sizes["2d"] == run.FULL["2d"]
+    assert run.FULL["4d_nhwc"] == ((32, 32, 32, 64), False)
+    for bad in ("4d_nhwc=64x56x56", "5d=1x2", "2d=256xabc", "2d"):
+        with pytest.raises(SystemExit):
+            run.with_shapes(run.FULL, [bad], parser)
