@@ -226,7 +226,8 @@ class Agent:
         width = recipe.get("critic_width", critic_width)
         self.actor = make_actor(obs_dim, act_dim, norm, switch)
         self.critic = make_critic(obs_dim, act_dim, width, norm, switch)
-        self.log_alpha = keras.Variable(0.0, name="log_alpha")  # alpha = 1
+        # log(alpha), alpha = 1 at the start.
+        self.log_alpha = keras.Variable(0.0, dtype="float32", name="log_alpha")
 
         def adam(variables, beta_1=recipe["beta_1"]):
             optimizer = keras.optimizers.Adam(recipe["learning_rate"], beta_1)

@@ -205,3 +205,38 @@ def test_crossq_switch_as_a_schedule():
     expected = [1.0 if s < switch else 3.0 for s in range(STEPS)]
     assert rmax_seen == expected
     assert dmax_seen == [0.0 if s < switch else 5.0 for s in range(STEPS)]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.jit's trace cache")
+def test_jitted_step_with_a_schedule_of_constants_is_traced_once():
+    """`ops.where(step < n, 1.0, 3.0)` is weakly typed on JAX: the values
+    the layer stores keep its variables' types, so the step is traced once
+    (it was traced again at the second step)."""
+    import jax
+
+    model = _model("brn")
+    (layer,) = _brn_layers(model)
+    layer.set_clipping_schedule(
+        rmax=lambda step: ops.where(step < 1, 1.0, 3.0),
+        dmax=lambda step: ops.where(step < 1, 0.0, 5.0),
+    )
+    traces = []
+
+    @jax.jit
+    def step(trainable, non_trainable, x):
+        traces.append(1)
+        return model.stateless_call(trainable, non_trainable, x, training=True)
+
+    x, _ = _data()
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    for start in range(0, 3 * BATCH, BATCH):
+        _, non_trainable = step(
+            trainable, non_trainable, x[start : start + BATCH]
+        )
+    assert len(traces) == 1
+    values = dict(
+        zip([v.path for v in model.non_trainable_variables], non_trainable)
+    )
+    assert float(values[layer.rmax_value.path]) == 3.0
+    assert float(values[layer.dmax_value.path]) == 5.0

@@ -329,16 +329,22 @@ class BatchRenormalization(BatchNormalization):
         """The (rmax, rmin, dmax) of this training step; advances the step."""
         step = ops.cast(self.step, "float32")
         rmax, dmax = self.rmax_value, self.dmax_value
+        # The bounds as float32 tensors, not Python floats: a schedule of
+        # constants (`ops.where(step < n, 1.0, 3.0)`) gives a weakly typed
+        # value on JAX, which `ops.cast` keeps; stored as is, it would give
+        # the variable another type after the first step and a jitted step
+        # would be traced again.
         if self._rmax_schedule is not None:
             # At least 1, and at least an explicit `rmin`.
-            floor = max(1.0, self.rmin or 0.0)
+            floor = ops.convert_to_tensor(max(1.0, self.rmin or 0.0), "float32")
             rmax = ops.maximum(
                 ops.cast(self._rmax_schedule(step), "float32"), floor
             )
             self.rmax_value.assign(rmax)
         if self._dmax_schedule is not None:
+            zero = ops.convert_to_tensor(0.0, "float32")
             dmax = ops.maximum(
-                ops.cast(self._dmax_schedule(step), "float32"), 0.0
+                ops.cast(self._dmax_schedule(step), "float32"), zero
             )
             self.dmax_value.assign(dmax)
         self.step.assign_add(ops.cast(1, self.step.dtype))
