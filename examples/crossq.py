@@ -428,8 +428,9 @@ def train(
         "next_obs": np.zeros((steps, obs_dim), "float32"),
         "done": np.zeros(steps, "float32"),
     }
-    curve, update_seconds, n_updates = [], 0.0, 0
+    curve, seconds, n_updates = [], [], 0
     obs, _ = env.reset(seed=seed)
+    start = time.perf_counter()
     for t in range(steps):
         if t < LEARNING_STARTS:
             action = rng.uniform(-1.0, 1.0, act_dim).astype("float32")
@@ -450,18 +451,17 @@ def train(
             noise = rng.standard_normal((2, BATCH_SIZE, act_dim)).astype(
                 "float32"
             )
-            start = time.perf_counter()
             eps = ops.convert_to_tensor(noise[0])
             agent.state, loss = agent.update_critic(agent.state, batch, eps)
             if n_updates % agent.policy_delay == 0:
                 eps = ops.convert_to_tensor(noise[1])
                 agent.state, _ = agent.update_actor(agent.state, batch[0], eps)
             float(loss)  # waits for the step (JAX dispatches asynchronously)
-            if n_updates > 0:  # the first update compiles
-                update_seconds += time.perf_counter() - start
             n_updates += 1
         if (t + 1) % eval_every == 0:
+            seconds.append(time.perf_counter() - start)  # training only
             value = evaluate(agent, 10_000 + 100 * seed, episodes)
+            start = time.perf_counter()
             curve.append((t + 1, value))
             log(
                 f"{variant:10s} seed {seed} step {t + 1:5d} return {value:8.1f}"
@@ -471,7 +471,12 @@ def train(
         "seed": seed,
         "steps": [s for s, _ in curve],
         "returns": [r for _, r in curve],
-        "ms_per_update": 1000 * update_seconds / max(n_updates - 1, 1),
+        # Wall time of training (environment steps, actions, one critic
+        # update each and the actor's), per update, after the first
+        # checkpoint (which includes compiling the steps).
+        "ms_per_update": 1000
+        * sum(seconds[1:])
+        / (eval_every * len(seconds[1:])),
         "updates": n_updates,
         # [rmax, dmax, step] of the first BRN layer: the switch took effect
         # inside the compiled step, and only training calls counted.
