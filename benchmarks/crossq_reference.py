@@ -133,7 +133,24 @@ def main(argv=None):
     parser.add_argument("--critic-width", type=int, default=256)
     parser.add_argument("--switch", type=float, default=0.1)
     parser.add_argument("--json", help="write both runs' records here")
+    parser.add_argument(
+        "--from",
+        dest="records",
+        nargs="+",
+        help="print the comparison of earlier --json runs, seeds merged",
+    )
     args = parser.parse_args(argv)
+    if args.records:
+        keras_runs, reference_runs = [], []
+        for path in args.records:
+            with open(path) as f:
+                record = json.load(f)
+            keras_runs += record["keras_norms"]
+            reference_runs += record["reference"]
+        seeds = sorted(r["seed"] for r in keras_runs)
+        print(f"seeds {','.join(map(str, seeds))}")
+        print(side_by_side(keras_runs, reference_runs)[0])
+        return
     if crossq.keras.backend.backend() != "jax":
         raise ValueError(
             "Run with KERAS_BACKEND=jax: the reference is a JAX program and "

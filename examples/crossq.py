@@ -24,8 +24,12 @@ Three variants train on the same budget of environment steps:
 
 Every 500 environment steps the policy is evaluated deterministically over 5
 episodes. The script prints a table of the return (mean ± std over the
-seeds) at each checkpoint and the time per gradient update, writes a
-learning-curve plot (`--out`) and, with `--json`, one record per run.
+seeds) at each checkpoint and the wall time of training per update (an
+environment step, a critic update and the actor's share; evaluation and
+the first checkpoint's compiling left out), writes a learning-curve plot
+(`--out`) and, with `--json`, one record per run. `--switch` and `--ramp`
+change the BRN schedule (docs/guide/reinforcement-learning.md measures
+some).
 
 The algorithm is written once, as functions of the models' variable values
 (`model.stateless_call` returns the new values of the normalization layers'
@@ -33,9 +37,10 @@ statistics, which are threaded through every update); the few lines that
 differ between backends (taking a gradient, compiling a step) are in the
 section "Backend glue". It runs on JAX, TensorFlow and PyTorch:
 
-    KERAS_BACKEND=jax python examples/crossq.py           # 5 seeds, 3,000 steps
+    KERAS_BACKEND=jax python examples/crossq.py   # 5 seeds, 3,000 steps: 8 min
     KERAS_BACKEND=jax python examples/crossq.py --critic-width 2048
     python examples/crossq.py --quick                     # under 2 minutes
+    python examples/crossq.py --plot-from docs/crossq.json --out docs/crossq.png
 
 Needs `pip install gymnasium matplotlib` (classic control: no download).
 """
@@ -155,12 +160,23 @@ def normalization(kind, switch):
     layer = keras_norms.BatchRenormalization(
         momentum=0.99, renorm_momentum=0.99
     )
-    # CrossQ's switch: plain BN (r = 1, d = 0) for `switch` training calls
-    # of the layer, then rmax = 3 and dmax = 5 at once.
-    layer.set_clipping_schedule(
-        rmax=lambda step: ops.where(step < switch, 1.0, 3.0),
-        dmax=lambda step: ops.where(step < switch, 0.0, 5.0),
-    )
+    start, ramp = switch
+    if ramp == 0:
+        # CrossQ's switch: plain BN (r = 1, d = 0) for `start` training calls
+        # of the layer, then rmax = 3 and dmax = 5 at once.
+        layer.set_clipping_schedule(
+            rmax=lambda step: ops.where(step < start, 1.0, 3.0),
+            dmax=lambda step: ops.where(step < start, 0.0, 5.0),
+        )
+    else:
+        # Or from 1 and 0 to 3 and 5 linearly over `ramp` calls.
+        def fraction(step):
+            return ops.clip((step - start) / ramp, 0.0, 1.0)
+
+        layer.set_clipping_schedule(
+            rmax=lambda step: 1.0 + 2.0 * fraction(step),
+            dmax=lambda step: 5.0 * fraction(step),
+        )
     return layer
 
 
@@ -409,7 +425,15 @@ def evaluate(agent, seed, episodes):
 
 
 def train(
-    variant, seed, steps, critic_width, switch, eval_every, episodes, log
+    variant,
+    seed,
+    steps,
+    critic_width,
+    switch,
+    eval_every,
+    episodes,
+    log,
+    ramp=0.0,
 ):
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
@@ -418,9 +442,8 @@ def train(
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     high = env.action_space.high
     updates = steps - LEARNING_STARTS
-    agent = Agent(
-        variant, obs_dim, act_dim, critic_width, round(switch * updates)
-    )
+    schedule = (round(switch * updates), round(ramp * updates))
+    agent = Agent(variant, obs_dim, act_dim, critic_width, schedule)
     buffer = {
         "obs": np.zeros((steps, obs_dim), "float32"),
         "act": np.zeros((steps, act_dim), "float32"),
@@ -558,6 +581,13 @@ def main(argv=None):
         default=0.1,
         help="the fraction of the updates with plain BN before rmax=3, dmax=5",
     )
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="a fraction of the updates: rmax, dmax ramp linearly over it "
+        "after the switch (0: at once)",
+    )
     parser.add_argument("--out", default="crossq.png")
     parser.add_argument("--json", help="write one record per run to this file")
     parser.add_argument(
@@ -565,7 +595,18 @@ def main(argv=None):
         action="store_true",
         help="one seed, 400 steps, small critic (for CI)",
     )
+    parser.add_argument(
+        "--plot-from",
+        help="print the table and write the plot of an earlier --json run",
+    )
     args = parser.parse_args(argv)
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            runs = json.load(f)["runs"]
+        variants = list(dict.fromkeys(r["variant"] for r in runs))
+        print(table(runs, variants))
+        plot(runs, variants, args.out)
+        return
     if args.quick:
         args.seeds, args.steps, args.eval_every = "0", 400, 200
         args.episodes, args.critic_width = 1, 64
@@ -592,6 +633,7 @@ def main(argv=None):
             args.eval_every,
             args.episodes,
             lambda line: print(line, flush=True),
+            args.ramp,
         )
         for variant in variants
         for seed in seeds

@@ -1,8 +1,10 @@
 """The examples run end to end (tiny settings) and report what they claim."""
 
 import json
+import os
 import re
 
+from tests.helpers import ROOT
 from tests.helpers import run_script
 
 
@@ -357,3 +359,60 @@ def test_crossq_quick_trains_each_variant_and_switches_inside_the_step(
     assert runs[0]["critic_brn"] == [3.0, 5.0, 300.0], runs[0]
     assert runs[0]["actor_brn"] == [1.0, 0.0, 100.0], runs[0]
     assert runs[1]["critic_brn"] is None and runs[2]["actor_brn"] is None
+
+
+def test_crossq_tables_in_the_docs_come_from_its_records(tmp_path):
+    """The table of the reinforcement-learning page and the README is what
+    the records in docs/crossq.json give (no training)."""
+    result = run_script(
+        "examples/crossq.py",
+        "--plot-from",
+        os.path.join(ROOT, "docs", "crossq.json"),
+        "--out",
+        str(tmp_path / "crossq.png"),
+    )
+    rows = re.findall(
+        r"^\| (?:crossq_\w+|sac) .*$", result.stdout, re.MULTILINE
+    )
+    assert len(rows) == 3, result.stdout
+    with open(os.path.join(ROOT, "docs/guide/reinforcement-learning.md")) as f:
+        page = f.read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for row in rows:
+        assert row in page, row
+        # The README quotes the returns at steps 1000, 2000 and 3000.
+        cells = row.strip("| ").split(" | ")
+        short = " | ".join([cells[0], cells[2], cells[4], cells[6], cells[7]])
+        assert f"| {short} |" in readme, short
+    # The schedules measured for the warm-up.
+    result = run_script(
+        "examples/crossq.py",
+        "--plot-from",
+        os.path.join(ROOT, "docs", "crossq_schedules.json"),
+        "--out",
+        str(tmp_path / "schedules.png"),
+    )
+    rows = re.findall(
+        r"^\| (?:bn|switch|ramp)_.*$", result.stdout, re.MULTILINE
+    )
+    assert len(rows) == 5, result.stdout
+    for row in rows:
+        assert row in page, row
+
+
+def test_crossq_reference_table_in_the_docs_comes_from_its_records():
+    """The comparison with sbx-rl in the docs is what the merged records in
+    docs/crossq_reference.json give (no training, no sbx-rl needed)."""
+    result = run_script(
+        "benchmarks/crossq_reference.py",
+        "--from",
+        os.path.join(ROOT, "docs", "crossq_reference.json"),
+    )
+    rows = re.findall(r"^\| \d+ \|.*$", result.stdout, re.MULTILINE)
+    assert len(rows) == 6, result.stdout
+    assert all(row.endswith("| yes |") for row in rows), rows
+    with open(os.path.join(ROOT, "docs/guide/reinforcement-learning.md")) as f:
+        page = f.read()
+    for row in rows:
+        assert row in page, row
