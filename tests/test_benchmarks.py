@@ -1,6 +1,9 @@
 """The benchmark harness keeps running (tiny sizes; no timing asserted)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -296,3 +299,35 @@ def test_harness_takes_another_shape_for_a_case():
     for bad in ("4d_nhwc=64x56x56", "5d=1x2", "2d=256xabc", "2d"):
         with pytest.raises(SystemExit):
             run.with_shapes(run.FULL, [bad], parser)
+
+
+def test_gpu_check_parses_and_counts_test_reports(tmp_path):
+    """benchmarks/gpu_check.sh is valid bash, and its report counts a JUnit
+    file's outcomes (the GPU run itself needs a lent machine)."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    report = tmp_path / "junit-jax.xml"
+    report.write_text(
+        '<testsuites><testsuite time="2.5">'
+        '<testcase classname="tests.a" name="ok"/>'
+        '<testcase classname="tests.a" name="bad"><failure/></testcase>'
+        '<testcase classname="tests.b" name="off"><skipped/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "gpu_report.py"),
+            "junit",
+            str(report),
+            str(tmp_path / "junit-torch.xml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "junit-jax.xml: 3 tests: 1 passed, 1 failed, 0 error, 1 skipped" in (
+        result.stdout
+    ), result.stdout
+    assert "not passed: tests.a::bad" in result.stdout
+    assert "junit-torch.xml: no report" in result.stdout
