@@ -41,23 +41,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import crossq  # noqa: E402  examples/crossq.py
 
 
-def evaluate_reference(model, seed, episodes):
-    """examples/crossq.py's evaluation, with the reference's actions."""
-    envs = [gym.make("Pendulum-v1") for _ in range(episodes)]
-    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
-    returns, done = np.zeros(episodes), np.zeros(episodes, bool)
-    while not done.all():
-        # In the environment's bounds already (the policy is squashed).
-        actions, _ = model.predict(obs, deterministic=True)
-        for i, env in enumerate(envs):
-            if done[i]:
-                continue
-            obs[i], reward, terminated, truncated, _ = env.step(actions[i])
-            returns[i] += reward
-            done[i] = terminated or truncated
-    return float(returns.mean())
-
-
 def train_reference(seed, steps, critic_width, switch, eval_every, episodes):
     from sbx import CrossQ
 
@@ -81,7 +64,12 @@ def train_reference(seed, steps, critic_width, switch, eval_every, episodes):
         start = time.perf_counter()
         model.learn(eval_every, reset_num_timesteps=done == eval_every)
         seconds.append(time.perf_counter() - start)
-        value = evaluate_reference(model, 10_000 + 100 * seed, episodes)
+        # The policy's actions are in the environment's bounds already.
+        value = crossq.evaluate(
+            lambda obs: model.predict(obs, deterministic=True)[0],
+            10_000 + 100 * seed,
+            episodes,
+        )
         curve.append((done, value))
         print(f"reference  seed {seed} step {done:5d} return {value:8.1f}")
     return {

@@ -406,19 +406,18 @@ class Agent:
 # Training and evaluation.
 
 
-def evaluate(agent, seed, episodes):
+def evaluate(policy, seed, episodes):
+    """The mean return over `episodes` episodes (environment seeds `seed`,
+    `seed + 1`, ...) of `policy(observations) -> environment actions`."""
     envs = [gym.make("Pendulum-v1") for _ in range(episodes)]
     obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)])
     returns, done = np.zeros(episodes), np.zeros(episodes, bool)
     while not done.all():
-        actions = agent.act(obs.astype("float32"))
+        actions = policy(obs)
         for i, env in enumerate(envs):
             if done[i]:
                 continue
-            high = env.action_space.high
-            obs[i], reward, terminated, truncated, _ = env.step(
-                actions[i] * high
-            )
+            obs[i], reward, terminated, truncated, _ = env.step(actions[i])
             returns[i] += reward
             done[i] = terminated or truncated
     return float(returns.mean())
@@ -483,7 +482,11 @@ def train(
             n_updates += 1
         if (t + 1) % eval_every == 0:
             seconds.append(time.perf_counter() - start)  # training only
-            value = evaluate(agent, 10_000 + 100 * seed, episodes)
+            value = evaluate(
+                lambda obs: agent.act(obs.astype("float32")) * high,
+                10_000 + 100 * seed,
+                episodes,
+            )
             start = time.perf_counter()
             curve.append((t + 1, value))
             log(

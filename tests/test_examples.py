@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from tests.helpers import ROOT
 from tests.helpers import run_script
 
@@ -361,44 +363,46 @@ def test_crossq_quick_trains_each_variant_and_switches_inside_the_step(
     assert runs[1]["critic_brn"] is None and runs[2]["actor_brn"] is None
 
 
-def test_crossq_tables_in_the_docs_come_from_its_records(tmp_path):
-    """The table of the reinforcement-learning page and the README is what
-    the records in docs/crossq.json give (no training)."""
+def _crossq_table_rows(records, tmp_path):
+    """The rows of the table examples/crossq.py prints for records in docs/
+    (no training)."""
     result = run_script(
         "examples/crossq.py",
         "--plot-from",
-        os.path.join(ROOT, "docs", "crossq.json"),
+        os.path.join(ROOT, "docs", records),
         "--out",
-        str(tmp_path / "crossq.png"),
+        str(tmp_path / "table.png"),
     )
-    rows = re.findall(
-        r"^\| (?:crossq_\w+|sac) .*$", result.stdout, re.MULTILINE
-    )
-    assert len(rows) == 3, result.stdout
-    with open(os.path.join(ROOT, "docs/guide/reinforcement-learning.md")) as f:
-        page = f.read()
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+    return re.findall(r"^\| (?!variant|---).*$", result.stdout, re.MULTILINE)
+
+
+def _read(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize(
+    "records, runs", [("crossq.json", 3), ("crossq_schedules.json", 5)]
+)
+def test_crossq_tables_in_the_docs_come_from_its_records(
+    records, runs, tmp_path
+):
+    """The variants' and the warm-up schedules' tables of the
+    reinforcement-learning page are what the records give."""
+    rows = _crossq_table_rows(records, tmp_path)
+    assert len(rows) == runs, rows
+    page = _read("docs/guide/reinforcement-learning.md")
     for row in rows:
         assert row in page, row
-        # The README quotes the returns at steps 1000, 2000 and 3000.
+
+
+def test_crossq_table_in_the_readme_comes_from_its_records(tmp_path):
+    """The README quotes the returns at steps 1000, 2000 and 3000."""
+    readme = _read("README.md")
+    for row in _crossq_table_rows("crossq.json", tmp_path):
         cells = row.strip("| ").split(" | ")
         short = " | ".join([cells[0], cells[2], cells[4], cells[6], cells[7]])
         assert f"| {short} |" in readme, short
-    # The schedules measured for the warm-up.
-    result = run_script(
-        "examples/crossq.py",
-        "--plot-from",
-        os.path.join(ROOT, "docs", "crossq_schedules.json"),
-        "--out",
-        str(tmp_path / "schedules.png"),
-    )
-    rows = re.findall(
-        r"^\| (?:bn|switch|ramp)_.*$", result.stdout, re.MULTILINE
-    )
-    assert len(rows) == 5, result.stdout
-    for row in rows:
-        assert row in page, row
 
 
 def test_crossq_reference_table_in_the_docs_comes_from_its_records():
@@ -412,7 +416,6 @@ def test_crossq_reference_table_in_the_docs_comes_from_its_records():
     rows = re.findall(r"^\| \d+ \|.*$", result.stdout, re.MULTILINE)
     assert len(rows) == 6, result.stdout
     assert all(row.endswith("| yes |") for row in rows), rows
-    with open(os.path.join(ROOT, "docs/guide/reinforcement-learning.md")) as f:
-        page = f.read()
+    page = _read("docs/guide/reinforcement-learning.md")
     for row in rows:
         assert row in page, row
