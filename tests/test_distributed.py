@@ -18,6 +18,9 @@ from tests.helpers import run_script
 
 DISTRIBUTED = BACKEND in ("tensorflow", "jax")
 
+# One worker runs them all: the `results` fixture runs once.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 SYNCHRONIZED = ["bn", "bn_mask", "brn", "brn_mask", "cbn", "cbn_mask"]
 SYNCHRONIZED += ["cbn_conv", "cbn_authors", "cbn_authors_mask"]
 SYNCHRONIZED += ["cbn_conv_authors"]

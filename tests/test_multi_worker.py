@@ -23,10 +23,14 @@ from tests.helpers import ROOT
 from tests.helpers import run_script
 
 NO_NAMESPACE = netns.unavailable_reason()
-pytestmark = pytest.mark.skipif(
-    NO_NAMESPACE is not None,
-    reason=f"workers run in a private network namespace: {NO_NAMESPACE}",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        NO_NAMESPACE is not None,
+        reason=f"workers run in a private network namespace: {NO_NAMESPACE}",
+    ),
+    # One worker runs them all: the `workers` fixture runs once.
+    pytest.mark.xdist_group("multi_worker"),
+]
 
 SYNCHRONIZED = [c for c, (_, _, sync) in scenario.CASES.items() if sync]
 LOCAL = [c for c, (_, _, sync) in scenario.CASES.items() if not sync]
