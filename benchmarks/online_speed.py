@@ -128,7 +128,8 @@ def train_step(model, x, y, via, other):
     # TensorFlow).
     if backend == "tensorflow":
         model.train_on_batch(*other)
-    model.train_on_batch(x, y)
+    if via == "train_on_batch" or backend != "tensorflow":
+        model.train_on_batch(x, y)
     if via == "train_on_batch":
         return lambda: model.train_on_batch(x, y)
     model.make_train_function()
@@ -136,7 +137,10 @@ def train_step(model, x, y, via, other):
     if backend == "tensorflow":
         # `fit()`'s batches are `(x, y)` pairs (`train_on_batch` passes
         # `(x, y, None)`, another trace): a second batch size makes
-        # `reduce_retracing` trace them with a `None` batch dimension.
+        # `reduce_retracing` trace them with a `None` batch dimension. As
+        # in `fit()`, that trace comes before any batch of one value per
+        # feature, so the layers' check for one (and their warning) is in
+        # the step timed.
         function(iter([other]))
         function(iter([(x, y)]))
     if backend == "jax":

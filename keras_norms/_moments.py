@@ -130,7 +130,8 @@ def warn_if_one_value(layer, count):
     A count known when the step is traced (eager calls, JAX, PyTorch,
     TensorFlow with a known batch size) is checked in Python, at no cost
     per step; an unknown one on TensorFlow (e.g. after `fit()` met a batch
-    of another size) by `_backend.warn_when`."""
+    of another size) by `_backend.warn_when`, once (the flag made by
+    `prepare_one_value_warning`)."""
     if getattr(layer, "_warned_one_value", False):
         return
 
@@ -155,7 +156,18 @@ def warn_if_one_value(layer, count):
         if single:
             warn()
         return
-    _backend.warn_when(single, warn)
+    _backend.warn_when(
+        single, warn, getattr(layer, "_one_value_warning_flag", None)
+    )
+
+
+def prepare_one_value_warning(layer):
+    """For a layer's `build` (outside any traced step): the flag with which
+    a compiled step warns once (`_backend.warning_flag`), kept out of the
+    layer's weights and saved state."""
+    object.__setattr__(
+        layer, "_one_value_warning_flag", _backend.warning_flag()
+    )
 
 
 def zero_if_empty(inputs, *statistics):

@@ -189,6 +189,34 @@ def test_warning_from_a_graph_of_unknown_batch_size_runs_once():
     assert step.experimental_get_tracing_count() == 1
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's graphs")
+@pytest.mark.parametrize("kind", KINDS)
+def test_graph_checks_in_python_only_until_it_warned(kind):
+    """The `tf.py_function` that warns runs at the first batch of one value
+    per feature only, not at every one after it (it costs a batch-1 step
+    about 0.1 ms): with the layer's Python record of the warning cleared,
+    the step does not warn again. The check is first traced in a retrace
+    (`reduce_retracing` relaxing the batch size), where a `tf.function`
+    may not make variables."""
+    import tensorflow as tf
+
+    model = _model(kind)
+    step = tf.function(lambda x: model(x, training=True), reduce_retracing=True)
+    rng = np.random.default_rng(5)
+    counts = []
+    for size in (2, 3, 1, 1, 4, 1):
+        if size == 1 and counts == [0, 0, 2]:
+            for layer in _norms(model):
+                layer._warned_one_value = False
+        x = rng.normal(size=(size, 4)).astype("float32")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            step(x)
+        counts.append(len(_warnings(record)))
+    assert counts == [0, 0, 2, 0, 0, 0]
+    assert step.experimental_get_tracing_count() == 2
+
+
 def _streamed(mean, stddev, x, momentum, eps):
     """The running mean and stddev after one more value `x` per feature
     (exponential weights), written out."""

@@ -135,13 +135,20 @@ def conv_statistic_gradients(layer, inputs, grad_y, count):
     return _module().conv_statistic_gradients(layer, inputs, grad_y, count)
 
 
-def warn_when(condition, warn):
+def warning_flag():
+    """A flag for `warn_when` (TensorFlow: a boolean variable; None
+    elsewhere), to be made outside any traced step, e.g. in `build`."""
+    return _module().warning_flag()
+
+
+def warn_when(condition, warn, flag=None):
     """Calls the Python function `warn()` when the scalar boolean tensor
     `condition` is true at run time, where the backend can (TensorFlow's
     graphs through `tf.py_function`, not under XLA; eager tensors); for
     the conditions that a trace cannot decide, e.g. a batch size unknown
-    when TensorFlow traced the step."""
-    return _module().warn_when(condition, warn)
+    when TensorFlow traced the step. With a `flag` from `warning_flag`, a
+    compiled step warns the first time only."""
+    return _module().warn_when(condition, warn, flag)
 
 
 def no_grad():

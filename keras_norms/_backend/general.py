@@ -53,9 +53,14 @@ def no_grad():
     return contextlib.nullcontext()
 
 
-def warn_when(condition, warn):
+def warning_flag():
+    """No flag: `warn_when` needs none."""
+    return None
+
+
+def warn_when(condition, warn, flag=None):
     """Calls `warn()` if the scalar boolean tensor `condition` is true
-    (eager tensors only)."""
+    (eager tensors only); `flag` is unused."""
     if bool(condition):
         warn()
 

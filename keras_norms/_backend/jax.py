@@ -18,6 +18,7 @@ from keras_norms._backend.general import masked_moments  # noqa: F401
 from keras_norms._backend.general import multiply_add  # noqa: F401
 from keras_norms._backend.general import normalize_with  # noqa: F401
 from keras_norms._backend.general import snapshot  # noqa: F401
+from keras_norms._backend.general import warning_flag  # noqa: F401
 
 
 def positions_layout_helps():
@@ -98,10 +99,11 @@ def no_grad():
     return contextlib.nullcontext()
 
 
-def warn_when(condition, warn):
+def warn_when(condition, warn, flag=None):
     """Calls `warn()` if the scalar boolean `condition` is true: at once
     for a concrete value; under `jax.jit` nothing (the layers ask only
-    about sizes, which JAX always knows when it traces)."""
+    about sizes, which JAX always knows when it traces). `flag` is
+    unused."""
     import jax
 
     if not isinstance(condition, jax.core.Tracer) and bool(condition):

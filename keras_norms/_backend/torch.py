@@ -336,9 +336,15 @@ def no_grad():
     return torch.no_grad()
 
 
-def warn_when(condition, warn):
+def warning_flag():
+    """No flag: `warn_when` needs none."""
+    return None
+
+
+def warn_when(condition, warn, flag=None):
     """Calls `warn()` if the scalar boolean `condition` is true; nothing
     under `torch.compile`, where reading it would break the graph (eager
-    torch knows every size, so the layers rarely ask)."""
+    torch knows every size, so the layers rarely ask). `flag` is
+    unused."""
     if not compiling() and bool(condition):
         warn()

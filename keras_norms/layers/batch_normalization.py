@@ -195,6 +195,7 @@ class BatchNormalization(NormalizationParameters, Layer):
         shape = tuple(input_shape[a] for a in self._feature_axes)
         self.build_parameters(shape)
         self.build_statistics(shape)
+        _moments.prepare_one_value_warning(self)
         self.input_spec = InputSpec(
             ndim=ndim, axes={a: input_shape[a] for a in self._feature_axes}
         )
