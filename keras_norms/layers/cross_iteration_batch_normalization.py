@@ -395,7 +395,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
             past_mu = past_mu + ops.sum(past_dmu * delta, axis=kernel_axes)
             past_nu = past_nu + ops.sum(past_dnu * delta, axis=kernel_axes)
         past_var = past_nu - ops.square(past_mu)
-        filled = ops.arange(self.window_size - 1) < filled
+        filled = ops.arange(self.window_size - 1, dtype="int32") < filled
         use = ops.logical_and(filled[:, None], step >= self.burnin_steps)
         if self.negative_variance == "clamp":
             past_var = ops.maximum(past_var, 0.0)
