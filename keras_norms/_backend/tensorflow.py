@@ -422,9 +422,8 @@ def warn_when(condition, warn, flag=None):
         return 0
 
     def fire():
-        if flag is None:
-            return tf.py_function(call_warn, [], tf.int32)
-        with tf.control_dependencies([flag.assign(True)]):
+        record = [] if flag is None else [flag.assign(True)]
+        with tf.control_dependencies(record):
             return tf.py_function(call_warn, [], tf.int32)
 
     if flag is not None:

@@ -238,7 +238,7 @@ class CrossIterationBatchNormalization(NormalizationParameters, Wrapper):
         )
         channels = output_shape[channel_axis]
         self.build_parameters((channels,))
-        if self.window_size == 1:  # (a window has values to spread)
+        if self.window_size == 1:  # (only a window of one step warns)
             _moments.prepare_one_value_warning(self)
         self.step = self._state((), "step", "zeros", dtype="int32")
         past = self.window_size - 1
