@@ -13,6 +13,7 @@ from tests.helpers import assert_config_round_trip
 from tests.helpers import assert_rounded_once
 from tests.helpers import assert_trains_alike
 from tests.helpers import random_mask
+from tests.helpers import sgd_update
 from tests.helpers import skip_unless_channels_first_conv_runs
 from tests.helpers import to_numpy
 from tests.helpers import train_call
@@ -389,6 +390,16 @@ def test_uncompensated_averaging_ignores_compensation_gradient(monkeypatch):
     assert len(derivative_calls) == 1  # (the spy is in place)
 
 
+@contextlib.contextmanager
+def _floatx(name):
+    """Keras's floatx set to `name`, then back to float32."""
+    keras.backend.set_floatx(name)
+    try:
+        yield
+    finally:
+        keras.backend.set_floatx("float32")
+
+
 @pytest.mark.parametrize("case", ["dense", "conv2d_same_s2"])
 def test_float64_floatx_trains_like_a_float64_layer(case):
     """Under `keras.backend.set_floatx("float64")` (where Keras's integer
@@ -396,25 +407,17 @@ def test_float64_floatx_trains_like_a_float64_layer(case):
     the default floatx: outputs, gradients and statistics at every step."""
     make, shape, _ = CASES[case]
     rng = np.random.default_rng(3)
-    layers = []
-    for floatx in ("float64", "float32"):
-        keras.backend.set_floatx(floatx)
-        try:
-            layer = keras_norms.CBN(make(), window_size=3, dtype="float64")
-            layer.build(shape)
-        finally:
-            keras.backend.set_floatx("float32")
-        layers.append(layer)
-    ours, theirs = layers
+    with _floatx("float64"):
+        ours = keras_norms.CBN(make(), window_size=3, dtype="float64")
+        ours.build(shape)
+    theirs = keras_norms.CBN(make(), window_size=3, dtype="float64")
+    theirs.build(shape)
     theirs.set_weights(ours.get_weights())
     for step in range(4):
         x = rng.normal(size=shape)
         dy = rng.normal(size=ours.compute_output_shape(shape))
-        keras.backend.set_floatx("float64")
-        try:
+        with _floatx("float64"):
             y1, dx1, g1 = train_call(ours, x, dy)
-        finally:
-            keras.backend.set_floatx("float32")
         y2, dx2, g2 = train_call(theirs, x, dy)
         np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-12)
@@ -424,9 +427,8 @@ def test_float64_floatx_trains_like_a_float64_layer(case):
             ours.non_trainable_weights, theirs.non_trainable_weights
         ):
             np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-12)
-        for w in (ours, theirs):
-            for v in w.trainable_weights:
-                v.assign(to_numpy(v) - 0.1 * (g1 if w is ours else g2)[v.name])
+        sgd_update(ours, g1)
+        sgd_update(theirs, g2)
 
 
 def test_channels_first_equals_channels_last():
